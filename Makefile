@@ -1,0 +1,27 @@
+# Everything runs inside ./.venv, created on first use. torch is pinned to the local CPU wheel first so
+# that the package's torch range never pulls a CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test info clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+info: setup
+	$(BIN)/nemotron3 info ultra-550b-a55b
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,72 @@
+"""Grouped-query attention without positional encoding (research/architecture.md §4).
+
+Nemotron-H attention has no RoPE, no QK-norm, no sliding window: order comes from the Mamba layers.
+Cached keys therefore never need re-rotation; a prefix's K/V can be reused at any offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron3.config import ModelConfig
+
+
+@dataclass
+class KVState:
+    """Keys and values of one attention layer for a batch of equal-length sequences."""
+
+    k: torch.Tensor  # [b, nkv, t_cached, d]
+    v: torch.Tensor  # [b, nkv, t_cached, d]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention where query i (of the last t_q positions) sees keys 0 … t_k − t_q + i.
+
+    q: [b, nq, t_q, d]; k, v: [b, nkv, t_k, d] with nq a multiple of nkv (GQA: KV head j serves query
+    heads j·g … j·g+g−1). Returns [b, nq, t_q, d].
+    """
+    t_q, t_k = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if t_q == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    offset = t_k - t_q
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """The `*` layer's mixer: q/k/v projections, causal GQA softmax attention, o_proj. No bias."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=False)
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVState:
+        empty = torch.empty(batch_size, self.num_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
+        return KVState(k=empty, v=empty.clone())
+
+    def forward(self, hidden: torch.Tensor, state: KVState | None = None) -> torch.Tensor:
+        # hidden: [b, t, H] → [b, t, H]; `state` (if given) gets this step's K/V appended.
+        b, t, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if state is not None:
+            state.k = torch.cat([state.k, k], dim=2)
+            state.v = torch.cat([state.v, v], dim=2)
+            k, v = state.k, state.v
+        out = causal_attention(q, k, v)  # scale head_dim^−0.5 is SDPA's default
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,206 @@
+"""Mamba-2 mixer: causal depthwise conv, chunked SSD scan for prefill, one-step recurrence for decode.
+
+Math (research/architecture.md §5): per head h with state S ∈ ℝ^{P×N},
+    S_t = exp(Δ_t·A_h) · S_{t−1} + (Δ_t·x_t) ⊗ B_t,        y_t = S_t·C_t + D_h·x_t
+The SSM state is float32 always; the chunked scan computes the same recurrence with matrix products
+inside chunks of `chunk_size` steps and a short recurrence across chunks (the SSD form of Mamba-2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron3.config import DT_CLAMP_TRANSFORMERS, ModelConfig
+from nemotron3.model.norm import GatedRMSNorm
+
+
+@dataclass
+class MambaState:
+    """Recurrent state of one Mamba layer for a batch: the last K−1 conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # [b, C, K-1], model dtype: pre-conv x|B|C columns
+    ssm: torch.Tensor  # [b, nh, P, N], float32
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over time, continuing from `conv_state` (zeros when None); no activation.
+
+    x: [b, t, c]; weight: [c, k]; bias: [c] or None; conv_state: [b, c, k−1].
+    Returns out [b, t, c] and the new state [b, c, k−1] (the last k−1 inputs).
+    """
+    b, t, c = x.shape
+    k = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    if conv_state is None:
+        conv_state = xt.new_zeros(b, c, k - 1)
+    window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # [b, c, k−1+t]
+    out = F.conv1d(window, weight.unsqueeze(1).to(xt.dtype), bias, groups=c)  # [b, c, t]
+    return out.transpose(1, 2), window[:, :, window.shape[-1] - (k - 1) :]
+
+
+def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
+    """exp(Σ_{j<i≤l} a_i) for j ≤ l and 0 above the diagonal. a: [..., q] → [..., q(l), q(j)]."""
+    q = a.shape[-1]
+    cs = a.cumsum(-1)
+    diff = cs[..., :, None] - cs[..., None, :]
+    causal = torch.ones(q, q, dtype=torch.bool, device=a.device).tril()
+    return torch.exp(diff.masked_fill(~causal, -math.inf))
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan (prefill). Returns y without the D skip, and the final SSM state.
+
+    x: [b, t, h, p]; dt: [b, t, h] (softplus'ed, clamped); A: [h] (< 0); B, C: [b, t, g, n] where head
+    h reads group h // (h/g); initial_state: [b, h, p, n] or None. All math in float32.
+    Returns y [b, t, h, p] fp32 and final_state [b, h, p, n] fp32.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g  # heads per B/C group
+    q = chunk_size
+    pad = (-t) % q
+    x, dt, B, C = (v.float() for v in (x, dt, B, C))
+    if pad:  # zero Δ ⇒ padded steps leave the state unchanged and produce outputs we crop
+        x, B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    nc = (t + pad) // q
+    # Group heads as [g, hg] so B/C never need to be expanded to every head.
+    xdt = (x * dt[..., None]).view(b, nc, q, g, hg, p)  # Δ·x
+    a = (dt * A.float()).view(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # [b, nc, g, hg, q], Δ·A ≤ 0
+    B = B.view(b, nc, q, g, n)
+    C = C.view(b, nc, q, g, n)
+    a_cum = a.cumsum(-1)  # [b, nc, g, hg, q]
+
+    # 1. within each chunk: y_l = Σ_{j≤l} (C_l·B_j) exp(s_l − s_j) Δ_j x_j
+    cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # [b, nc, g, q, q]
+    decay = _segsum_exp(a)  # [b, nc, g, hg, q, q]
+    y = torch.einsum("bcgls,bcghls,bcsghp->bclghp", cb, decay, xdt)
+
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, nc, g, hg, q]
+    chunk_states = torch.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, decay_to_end, xdt)
+
+    # 3. states entering each chunk: a short recurrence over chunks
+    chunk_decay = torch.exp(a_cum[..., -1])  # [b, nc, g, hg]
+    state = x.new_zeros(b, g, hg, p, n) if initial_state is None else initial_state.float().view(b, g, hg, p, n)
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, :, None, None] + chunk_states[:, c]
+    states_in = torch.stack(entering, dim=1)  # [b, nc, g, hg, p, n]
+
+    # 4. contribution of the entering state: y_l += exp(s_l) · (C_l · S_in)
+    y = y + torch.einsum("bclgn,bcghpn,bcghl->bclghp", C, states_in, torch.exp(a_cum))
+    y = y.reshape(b, nc * q, h, p)[:, :t]
+    return y, state.reshape(b, h, p, n)
+
+
+def ssm_step(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """One recurrence step (decode); updates `state` in place and returns y without the D skip.
+
+    state: [b, h, p, n] fp32; x: [b, h, p]; dt: [b, h]; A: [h]; B, C: [b, g, n]. Returns y [b, h, p] fp32.
+    """
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    dt = dt.float()
+    decay = torch.exp(dt * A.float())  # [b, h]
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # [b, h, n]
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    state.mul_(decay[..., None, None]).add_((dt[..., None] * x.float())[..., None] * Bh[:, :, None, :])
+    return torch.einsum("bhpn,bhn->bhp", state, Ch)
+
+
+class Mamba2Mixer(nn.Module):
+    """The `M` layer's mixer: in_proj → conv+SiLU → SSD → gated RMSNorm → out_proj."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.chunk_size = config.chunk_size
+        self.inner = config.mamba_inner_size
+        self.conv_dim = config.mamba_conv_dim
+        self.kernel = config.conv_kernel
+        self.dt_clamp = config.dt_clamp
+        self.time_step_min = config.time_step_min
+        self.time_step_limit = config.time_step_limit
+        H, nh = config.hidden_size, self.num_heads
+        self.in_proj = nn.Linear(H, self.inner + self.conv_dim + nh, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        # The small per-head tensors stay float32 in every model dtype: Δ and A feed exp() of the recurrence.
+        self.dt_bias = nn.Parameter(torch.ones(nh))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, nh + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(nh))
+        self.norm = GatedRMSNorm(self.inner, config.n_groups, config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.inner, H, bias=config.use_bias)
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device, ssm_dtype=torch.float32) -> MambaState:
+        return MambaState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.kernel - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.num_heads, self.head_dim, self.state_size, dtype=ssm_dtype, device=device),
+        )
+
+    def _step_size(self, dt: torch.Tensor, chunked: bool) -> torch.Tensor:
+        """Δ = softplus(dt + dt_bias), clamped per `config.dt_clamp` (architecture.md §5.8)."""
+        delta = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_clamp == DT_CLAMP_TRANSFORMERS:
+            return delta.clamp(min=self.time_step_min) if chunked else delta
+        lo, hi = self.time_step_limit
+        if lo > 0.0 or hi < math.inf:
+            delta = delta.clamp(min=lo, max=hi)
+        return delta
+
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        # hidden: [b, t, H] → [b, t, H]; `state` (if given) is read and advanced in place.
+        b, t, _ = hidden.shape
+        dtype = hidden.dtype
+        z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv if state else None)
+        xbc = F.silu(xbc)
+        gn = self.n_groups * self.state_size
+        x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        if state is not None and t == 1:  # decode: one recurrence step
+            delta = self._step_size(dt[:, 0], chunked=False)
+            xh = x[:, 0].view(b, self.num_heads, self.head_dim)
+            ssm = state.ssm if state.ssm.dtype == torch.float32 else state.ssm.float()
+            y = ssm_step(ssm, xh, delta, A, B[:, 0].view(b, self.n_groups, -1), C[:, 0].view(b, self.n_groups, -1))
+            if ssm is not state.ssm:
+                state.ssm.copy_(ssm)
+            y = y.unsqueeze(1)
+        else:
+            delta = self._step_size(dt, chunked=True)
+            xh = x.view(b, t, self.num_heads, self.head_dim)
+            y, final = ssd_chunk_scan(
+                xh, delta, A, B.view(b, t, self.n_groups, -1), C.view(b, t, self.n_groups, -1),
+                self.chunk_size, state.ssm if state is not None else None,
+            )  # fmt: skip
+            if state is not None:
+                state.ssm.copy_(final)
+        if state is not None:
+            state.conv.copy_(new_conv)
+        xf = x.view(b, t, self.num_heads, self.head_dim).float()
+        y = (y + xf * self.D.float()[:, None]).reshape(b, t, self.inner)
+        y = self.norm(y, z)
+        return self.out_proj(y.to(dtype))

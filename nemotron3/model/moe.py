@@ -1,0 +1,126 @@
+"""LatentMoE: sigmoid router on the full hidden state, relu² experts in the latent width, shared expert.
+
+research/architecture.md §7. Routed experts run only on the tokens routed to them: the (token, expert)
+pairs are sorted by expert and each expert with work does one matmul over its contiguous slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemotron3.config import ModelConfig
+from nemotron3.model.mlp import MLP, relu2
+
+
+def route(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick top_k experts per token; the correction bias only influences which, never the weights.
+
+    logits: [T, E] float32 router logits. Returns weights [T, k] float32 and indices [T, k] int64.
+    Group-limited (DeepSeek-V3 style): a group's score is the sum of its best two biased scores, only
+    the topk_group best groups stay eligible. Weights are renormalised (+1e-20, as the reference) and
+    multiplied by routed_scaling_factor.
+    """
+    scores = logits.sigmoid()
+    choice = scores + correction_bias.float()
+    if n_group > 1:
+        T, E = choice.shape
+        grouped = choice.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+    indices = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices
+
+
+class Router(nn.Module):
+    """`mixer.gate`: weight [E, H] and the selection-only `e_score_correction_bias` [E] (kept fp32)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, H] → weights [T, k] fp32, indices [T, k] int64
+        logits = F.linear(x.float(), self.weight.float())
+        return route(
+            logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+            self.norm_topk_prob, self.routed_scaling_factor,
+        )  # fmt: skip
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as up_proj [E, F, L] and down_proj [E, L, F] (on disk: one tensor per expert)."""
+
+    def __init__(self, num_experts: int, in_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, in_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, in_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_j w_j · down_e(relu(up_e(x))²) over each token's experts, accumulated in fp32.
+
+        x: [T, L]; weights: [T, k] fp32; indices: [T, k]. Returns [T, L] float32.
+        """
+        T, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()  # one host sync per layer
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start : start + n]
+                ys[start : start + n] = F.linear(relu2(F.linear(seg, self.up_proj[e])), self.down_proj[e])
+                start += n
+        out = x.new_zeros(T, x.shape[-1], dtype=torch.float32)
+        out.index_add_(0, token, ys.float() * weights.reshape(-1)[order, None])
+        return out
+
+
+class MoE(nn.Module):
+    """The `E` layer's mixer: routed (latent) experts plus one shared relu² expert at full width."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        H, L = config.hidden_size, config.moe_latent_size
+        self.gate = Router(config)
+        self.experts = Experts(config.n_routed_experts, config.moe_expert_input_size, config.moe_intermediate_size)
+        self.shared_experts = MLP(H, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias)
+        if L is not None:
+            self.fc1_latent_proj = nn.Linear(H, L, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(L, H, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [b, t, H] → [b, t, H]
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        latent = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        routed = self.experts(latent, weights, indices).to(hidden.dtype)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        return (routed + self.shared_experts(x)).view(shape)

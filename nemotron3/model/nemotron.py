@@ -1,0 +1,142 @@
+"""The Nemotron-H causal LM: embeddings → blocks → norm_f → lm_head, plus the optional MTP block.
+
+Parameter names are the hub's (`backbone.*`, `lm_head.*`, `mtp.layers.*`; architecture.md §9) except
+that routed experts are stacked per layer (`experts.up_proj` [E, F, L], `experts.down_proj` [E, L, F]);
+nemotron3.io.checkpoint maps them to the per-expert tensors on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nemotron3.config import ModelConfig
+from nemotron3.model.block import Block
+from nemotron3.model.cache import ModelCache
+from nemotron3.model.mamba2 import Mamba2Mixer
+from nemotron3.model.moe import Experts, Router
+from nemotron3.model.mtp import MTP
+from nemotron3.model.norm import GatedRMSNorm, RMSNorm
+
+SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [b, t_kept, V] float32
+    hidden_states: torch.Tensor  # [b, t, H] after norm_f (the MTP block's input)
+
+
+class Backbone(nn.Module):
+    """`backbone.*`: embeddings, the layer stack and the final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layers_block_type)
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class NemotronHForCausalLM(nn.Module):
+    """Checkpoint-compatible Nemotron 3 (Nano / Super / Ultra and any smaller `nemotron_h` config)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MTP(config) if config.num_nextn_predict_layers > 0 else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch_size: int) -> ModelCache:
+        """An empty cache for `batch_size` sequences: K/V grow per step; Mamba states are preallocated."""
+        dtype, device = self.dtype, self.device
+        ssm_dtype = SSM_DTYPES[self.config.mamba_ssm_cache_dtype]
+        states = []
+        for block in self.backbone.layers:
+            if isinstance(block.mixer, Mamba2Mixer):
+                states.append(block.mixer.new_state(batch_size, dtype, device, ssm_dtype))
+            else:
+                states.append(block.new_state(batch_size, dtype, device))
+        mtp_states = [layer.new_state(batch_size, dtype, device) for layer in self.mtp.layers] if self.mtp else []
+        return ModelCache(layers=states, mtp_layers=mtp_states)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: ModelCache | None = None, logits_to_keep: int = 0
+    ) -> CausalLMOutput:
+        """input_ids: [b, t] int64. With `cache`, continues from it and advances it in place.
+
+        logits_to_keep > 0 computes logits for the last that many positions only (generation needs 1).
+        Returns logits [b, t or logits_to_keep, V] float32 and the final-norm hidden states [b, t, H].
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids out of range: values must lie in [0, {self.config.vocab_size}), "
+                f"got min {int(input_ids.min())} max {int(input_ids.max())}"
+            )
+        if cache is not None and len(cache.layers) != len(self.backbone.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layer states, model has {len(self.backbone.layers)} layers")
+        hidden = self.backbone.embeddings(input_ids)
+        for i, block in enumerate(self.backbone.layers):
+            hidden = block(hidden, cache.layers[i] if cache is not None else None)
+        hidden = self.backbone.norm_f(hidden)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        return CausalLMOutput(logits=self.lm_head(kept).float(), hidden_states=hidden)
+
+    # ------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialisation as the reference does for new models (architecture.md §14).
+
+        Linear/conv/embedding/router/expert weights ~ N(0, initializer_range), biases 0, norms 1;
+        Mamba A_log = log(1..nh), D = 1, dt_bias = softplus⁻¹(Δ) with Δ log-uniform in
+        [time_step_min, time_step_max] (≥ time_step_floor); Mamba out_proj kaiming-uniform / √n_layers.
+        """
+        cfg = self.config
+        std = cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std, generator=generator)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                module.up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if isinstance(module, Mamba2Mixer):
+                self._init_mamba(module, generator)
+
+    def _init_mamba(self, mixer: Mamba2Mixer, generator: torch.Generator | None) -> None:
+        cfg = self.config
+        nh = mixer.num_heads
+        mixer.A_log.copy_(torch.log(torch.arange(1, nh + 1, dtype=torch.float32)))
+        mixer.D.fill_(1.0)
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        u = torch.rand(nh, generator=generator, device=mixer.dt_bias.device if generator is None else generator.device)
+        dt = torch.exp(u * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        if cfg.rescale_prenorm_residual:
+            w = mixer.out_proj.weight
+            bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5) bound = 1/√fan_in
+            w.uniform_(-bound, bound, generator=generator).div_(math.sqrt(cfg.num_hidden_layers))
