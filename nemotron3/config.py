@@ -48,6 +48,16 @@ DT_CLAMP_TRANSFORMERS = "transformers"  # HF 5.23: Δ ≥ time_step_min in the c
 DT_CLAMP_MODES = (DT_CLAMP_CHECKPOINT, DT_CLAMP_TRANSFORMERS)
 
 
+def _json_float(value: Any, field_name: str) -> float:
+    """A float from config.json: a number, "Infinity"-style string, or HF 5.x's {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field_name}: expected a number, got {value!r}") from None
+
+
 def pattern_to_kinds(pattern: str, field_name: str = "hybrid_override_pattern") -> list[str]:
     """Convert an `hybrid_override_pattern` string such as "MEM*E" to a list of layer kinds."""
     bad = sorted({c for c in pattern if c not in CHAR_TO_KIND})
@@ -266,7 +276,7 @@ class ModelConfig:
         if d.get("mtp_layers_block_type") is None:
             d["mtp_layers_block_type"] = pattern_to_kinds(mtp_pattern, "mtp_hybrid_override_pattern") if mtp_pattern else [ATTENTION, MOE]
         if d.get("time_step_limit") is not None:
-            d["time_step_limit"] = tuple(d["time_step_limit"])
+            d["time_step_limit"] = tuple(_json_float(v, "time_step_limit") for v in d["time_step_limit"])
         elif "time_step_limit" in d:
             d.pop("time_step_limit")
         d.pop("dt_clamp", None)
