@@ -62,13 +62,36 @@ def ssd_chunk_scan(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    max_chunks: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan (prefill). Returns y without the D skip, and the final SSM state.
 
     x: [b, t, h, p]; dt: [b, t, h] (softplus'ed, clamped); A: [h] (< 0); B, C: [b, t, g, n] where head
     h reads group h // (h/g); initial_state: [b, h, p, n] or None. All math in float32.
     Returns y [b, t, h, p] fp32 and final_state [b, h, p, n] fp32.
+    Long inputs are scanned `max_chunks` chunks at a time, carrying the state, so the intra-chunk
+    decay tensor (b·h·chunks·Q² floats) stays bounded: 134 MB per sequence for Super at the default.
     """
+    step = chunk_size * max_chunks
+    if x.shape[1] <= step:
+        return _ssd_segment(x, dt, A, B, C, chunk_size, initial_state)
+    ys, state = [], initial_state
+    for s in range(0, x.shape[1], step):
+        y, state = _ssd_segment(x[:, s : s + step], dt[:, s : s + step], A, B[:, s : s + step], C[:, s : s + step], chunk_size, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def _ssd_segment(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssd_chunk_scan on one segment, all its chunks at once (shapes as ssd_chunk_scan)."""
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g  # heads per B/C group

@@ -23,6 +23,15 @@ from nemotron3.model.norm import GatedRMSNorm, RMSNorm
 
 SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Tensors kept in float32 whatever the model dtype: the router's selection bias (as the reference keeps
+# it) and the Mamba per-head tensors that feed exp() of the recurrence (as vLLM keeps A). All are tiny.
+FP32_TENSORS = ("e_score_correction_bias", "A_log", "D", "dt_bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    """True for parameter/buffer names that stay float32 in a bf16/fp16 model."""
+    return name.rsplit(".", 1)[-1] in FP32_TENSORS
+
 
 @dataclass
 class CausalLMOutput:
@@ -96,6 +105,13 @@ class NemotronHForCausalLM(nn.Module):
             cache.seq_len += input_ids.shape[1]
         kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         return CausalLMOutput(logits=self.lm_head(kept).float(), hidden_states=hidden)
+
+    def to_dtype(self, dtype: torch.dtype) -> "NemotronHForCausalLM":
+        """Cast floating weights to `dtype`, keeping FP32_TENSORS in float32 (use instead of .to(dtype))."""
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
 
     # ------------------------------------------------------------------------------------- init
     @torch.no_grad()
