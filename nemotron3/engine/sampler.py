@@ -1,0 +1,163 @@
+"""Batched token sampling: penalties, temperature, min-p, top-k, top-p, per-request seeds, logprobs.
+
+Order as vLLM v1 applies them: penalties → temperature → min_p → top_k → top_p → draw. Every
+control is a per-row tensor, so a step costs a handful of batched ops whatever the mix of requests.
+A draw uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i,
+which lets seeded rows use their own generator for E while the rest share one batched draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemotron3.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row controls for one batch; rebuild only when the batch's membership changes."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    min_p: torch.Tensor  # [B] float32, 0 = off
+    repetition: torch.Tensor  # [B] float32, 1 = off
+    presence: torch.Tensor  # [B] float32
+    frequency: torch.Tensor  # [B] float32
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_penalty: bool
+    max_logprobs: int  # largest `logprobs` asked for in the batch, -1 if none
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device | str = "cpu"
+    ) -> "SamplingTensors":
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_k = [max(p.top_k, 0) for p in params]
+        return cls(
+            temperature=col([p.temperature for p in params], torch.float32),
+            top_k=col(top_k, torch.int64),
+            top_p=col([p.top_p for p in params], torch.float32),
+            min_p=col([p.min_p for p in params], torch.float32),
+            repetition=col([p.repetition_penalty for p in params], torch.float32),
+            presence=col([p.presence_penalty for p in params], torch.float32),
+            frequency=col([p.frequency_penalty for p in params], torch.float32),
+            generators=list(generators),
+            all_greedy=all(p.greedy for p in params),
+            any_top_k=any(k > 0 for k in top_k),
+            any_top_p=any(p.top_p < 1.0 for p in params),
+            any_min_p=any(p.min_p > 0.0 for p in params),
+            any_penalty=any(
+                p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+            ),
+            max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+
+
+@dataclass
+class SampleResult:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32: log p(chosen) under the raw model distribution
+    top_logprobs: torch.Tensor | None  # [B, k] float32
+    top_ids: torch.Tensor | None  # [B, k] int64
+
+
+def apply_penalties(
+    logits: torch.Tensor, output_counts: torch.Tensor, prompt_mask: torch.Tensor | None, t: SamplingTensors
+) -> torch.Tensor:
+    """logits [B, V]; output_counts [B, V] (generated-token counts); prompt_mask [B, V] bool or None.
+
+    repetition: for tokens seen in prompt or output, logit / r if positive else logit · r (CTRL / HF / vLLM).
+    presence, frequency: logit − presence·[count > 0] − frequency·count over generated tokens (OpenAI).
+    """
+    seen = output_counts > 0
+    if prompt_mask is not None:
+        seen = seen | prompt_mask
+    r = t.repetition[:, None]
+    penalised = torch.where(logits > 0, logits / r, logits * r)
+    logits = torch.where(seen, penalised, logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - t.presence[:, None] * (counts > 0) - t.frequency[:, None] * counts
+
+
+def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k logits (ties at the threshold kept); top_k 0 keeps all."""
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest prefix of tokens (by probability) whose mass reaches top_p; always ≥ 1 token."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p × the top token's probability."""
+    probs = logits.softmax(-1)
+    threshold = min_p[:, None] * probs.max(-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p applied to (already penalised) logits [B, V]; greedy rows untouched."""
+    temp = torch.where(t.temperature > 0, t.temperature, 1.0)
+    logits = logits / temp[:, None]
+    if t.any_min_p:
+        logits = _mask_min_p(logits, t.min_p)
+    if t.any_top_k:
+        logits = _mask_top_k(logits, t.top_k)
+    if t.any_top_p:
+        logits = _mask_top_p(logits, t.top_p)
+    return logits
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One sample per row of probs [B, V] by the exponential race; seeded rows use their own generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    return (probs / noise).argmax(-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    output_counts: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+) -> SampleResult:
+    """Choose the next token of every row of logits [B, V] (float32)."""
+    raw = logits
+    if t.any_penalty:
+        if output_counts is None:
+            raise ValueError("penalties requested but no output_counts given to the sampler")
+        logits = apply_penalties(logits, output_counts, prompt_mask, t)
+    if t.all_greedy:
+        tokens = logits.argmax(-1)
+    else:
+        probs = processed_logits(logits, t).softmax(-1)
+        tokens = draw(probs, t.generators)
+        greedy = t.temperature == 0
+        if bool(greedy.any()):
+            tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    if t.max_logprobs < 0:
+        return SampleResult(tokens, None, None, None)
+    logp = raw.log_softmax(-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    top = logp.topk(t.max_logprobs, dim=-1) if t.max_logprobs > 0 else None
+    return SampleResult(tokens, chosen, top.values if top else None, top.indices if top else None)
