@@ -58,15 +58,24 @@ class Attention(nn.Module):
         empty = torch.empty(batch_size, self.num_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
         return KVState(k=empty, v=empty.clone())
 
-    def forward(self, hidden: torch.Tensor, state: KVState | None = None) -> torch.Tensor:
-        # hidden: [b, t, H] → [b, t, H]; `state` (if given) gets this step's K/V appended.
+    def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections, heads first: hidden [b, t, H] → q [b, nq, t, d], k and v [b, nkv, t, d]."""
         b, t, _ = hidden.shape
         q = self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention result [b, nq, t, d] → [b, t, H]."""
+        b, _, t, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def forward(self, hidden: torch.Tensor, state: KVState | None = None) -> torch.Tensor:
+        # hidden: [b, t, H] → [b, t, H]; `state` (if given) gets this step's K/V appended.
+        q, k, v = self.qkv(hidden)
         if state is not None:
             state.k = torch.cat([state.k, k], dim=2)
             state.v = torch.cat([state.v, v], dim=2)
             k, v = state.k, state.v
-        out = causal_attention(q, k, v)  # scale head_dim^−0.5 is SDPA's default
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.output(causal_attention(q, k, v))  # scale head_dim^−0.5 is SDPA's default

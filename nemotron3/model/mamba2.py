@@ -194,11 +194,18 @@ class Mamba2Mixer(nn.Module):
             delta = delta.clamp(min=lo, max=hi)
         return delta
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        # hidden: [b, t, H] → [b, t, H]; `state` (if given) is read and advanced in place.
-        b, t, _ = hidden.shape
-        dtype = hidden.dtype
-        z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj and its split: z [.., I] (gate), xbc [.., C] (conv input x|B|C), dt [.., nh]."""
+        return self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+
+    def mix(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+        """Everything between in_proj and out_proj for b sequences of t tokens each.
+
+        z: [b, t, I]; xbc: [b, t, C]; dt: [b, t, nh]; state (if given) is read and advanced in place.
+        One token with a state takes the recurrence step; anything else the chunked scan.
+        Returns the gated-normed output [b, t, I] (float32; the caller casts for out_proj).
+        """
+        b, t, _ = xbc.shape
         xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv if state else None)
         xbc = F.silu(xbc)
         gn = self.n_groups * self.state_size
@@ -214,16 +221,20 @@ class Mamba2Mixer(nn.Module):
             y = y.unsqueeze(1)
         else:
             delta = self._step_size(dt, chunked=True)
-            xh = x.view(b, t, self.num_heads, self.head_dim)
+            xh = x.reshape(b, t, self.num_heads, self.head_dim)
             y, final = ssd_chunk_scan(
-                xh, delta, A, B.view(b, t, self.n_groups, -1), C.view(b, t, self.n_groups, -1),
+                xh, delta, A, B.reshape(b, t, self.n_groups, -1), C.reshape(b, t, self.n_groups, -1),
                 self.chunk_size, state.ssm if state is not None else None,
             )  # fmt: skip
             if state is not None:
                 state.ssm.copy_(final)
         if state is not None:
             state.conv.copy_(new_conv)
-        xf = x.view(b, t, self.num_heads, self.head_dim).float()
+        xf = x.reshape(b, t, self.num_heads, self.head_dim).float()
         y = (y + xf * self.D.float()[:, None]).reshape(b, t, self.inner)
-        y = self.norm(y, z)
-        return self.out_proj(y.to(dtype))
+        return self.norm(y, z)
+
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        # hidden: [b, t, H] → [b, t, H]; `state` (if given) is read and advanced in place.
+        z, xbc, dt = self.project(hidden)
+        return self.out_proj(self.mix(z, xbc, dt, state).to(hidden.dtype))
