@@ -1,0 +1,224 @@
+"""The `nemotron3` command. Each subcommand is an `add_<name>(subparsers)` that registers its parser
+and a `cmd_<name>(args) -> int` that runs it; `main` parses and dispatches.
+
+    nemotron3 info <preset|dir> [--json]     layer pattern, parameter counts, weight/cache memory
+
+Exit codes: 0 success, 2 bad arguments (unknown model, unreadable config.json, usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nemotron3.config import PRESETS, ModelConfig, preset
+from nemotron3.summary import KIND_NAMES, ModelSummary, summarize
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class ModelSpecError(ValueError):
+    """The model argument names neither a preset nor a directory with a readable config.json."""
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def resolve_config(spec: str) -> tuple[str, ModelConfig]:
+    """(display name, config) for a preset name, an unambiguous preset prefix ("nano"), a directory
+    holding config.json, or a config.json path. Only the config is read, never weights."""
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+        try:
+            return str(path), ModelConfig.from_json(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelSpecError(f"cannot read the model config at {path}: {e}") from None
+    if spec in PRESETS:
+        return spec, preset(spec)
+    matches = [name for name in PRESETS if name.startswith(spec)] if spec else []
+    if len(matches) == 1:
+        return matches[0], preset(matches[0])
+    presets = ", ".join(PRESETS)
+    if len(matches) > 1:
+        raise ModelSpecError(f"model {spec!r} is ambiguous: it could be {', '.join(matches)}")
+    raise ModelSpecError(
+        f"unknown model {spec!r}: not a preset and not a directory with a config.json. Presets: {presets}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+def human_count(n: int) -> str:
+    """1234567 → '1.23M' (decimal units, as parameter counts are quoted)."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    """Binary units: 6442450944 → '6.00 GiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def human_tokens(n: int) -> str:
+    """8192 → '8k', 1048576 → '1M' (the binary 'k' and 'M' of context lengths)."""
+    if n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n % 2**10 == 0:
+        return f"{n // 2**10}k"
+    return str(n)
+
+
+def human_weight_bytes(n: int) -> str:
+    """Weights in GiB and GB (checkpoint sizes are usually quoted in decimal GB)."""
+    return f"{human_bytes(n)} ({n / 1e9:,.1f} GB)" if n >= 10**8 else human_bytes(n)
+
+
+PART_LABELS = {
+    "embeddings": "input embeddings",
+    "mamba": "mamba layers",
+    "attention": "attention layers",
+    "moe": "moe layers excl. routed experts",
+    "mlp": "mlp layers",
+    "moe_routed_experts": "moe routed experts",
+    "norm_f": "final norm",
+    "lm_head": "lm_head",
+}
+
+
+def shape_line(c: ModelConfig) -> str:
+    latent = c.moe_latent_size if c.moe_latent_size is not None else "none"
+    return (
+        f"H {c.hidden_size} · vocab {c.vocab_size} · attention {c.num_attention_heads}q/{c.num_key_value_heads}kv"
+        f"×{c.head_dim} · Mamba {c.mamba_num_heads}×{c.mamba_head_dim} heads, N {c.ssm_state_size}, G {c.n_groups}"
+        f" · MoE {c.n_routed_experts} experts top-{c.num_experts_per_tok}, F {c.moe_intermediate_size},"
+        f" shared {c.moe_shared_expert_intermediate_size}, latent {latent}"
+    )
+
+
+def _param_table(s: ModelSummary) -> Table:
+    table = Table(title="Parameters")
+    table.add_column("")
+    table.add_column("≈", justify="right")
+    table.add_column("exact", justify="right")
+    rows = [
+        ("total (excl. MTP)", s.total_params),
+        ("active / token (incl. embedding)", s.active_params),
+        ("active / token (excl. embedding)", s.active_params_excl_embedding),
+    ]
+    if s.mtp_blocks:
+        rows += [("MTP block(s)", s.mtp_params), ("MTP active / token", s.mtp_active_params)]
+    for label, n in rows:
+        table.add_row(label, human_count(n), f"{n:,}")
+    table.add_section()
+    for part, n in s.params_by_part.items():
+        if n:
+            table.add_row(f"  {PART_LABELS.get(part, part)}", human_count(n), f"{n:,}")
+    return table
+
+
+def _weight_table(s: ModelSummary) -> Table:
+    table = Table(title="Weight memory (estimates, assumptions below)")
+    table.add_column("format")
+    table.add_column("main model", justify="right")
+    if s.mtp_blocks:
+        table.add_column("with MTP", justify="right")
+    for w in s.weight_memory:
+        cells = [w.format, human_weight_bytes(w.bytes)]
+        cells += [human_weight_bytes(w.bytes_with_mtp)] if s.mtp_blocks else []
+        table.add_row(*cells)
+    return table
+
+
+def _cache_table(s: ModelSummary) -> Table:
+    table = Table(title="Cache per sequence (KV bf16; Mamba SSM + conv state)")
+    table.add_column("context", justify="right")
+    table.add_column("KV", justify="right")
+    if s.mtp_blocks:
+        table.add_column("MTP KV", justify="right")
+    table.add_column("Mamba state", justify="right")
+    table.add_column("total", justify="right")
+    for c in s.contexts:
+        cells = [human_tokens(c.tokens), human_bytes(c.kv_bytes)]
+        cells += [human_bytes(c.mtp_kv_bytes)] if s.mtp_blocks else []
+        cells += [human_bytes(c.mamba_state_bytes), human_bytes(c.total_bytes)]
+        table.add_row(*cells)
+    return table
+
+
+def render_summary(console: Console, name: str, config: ModelConfig, s: ModelSummary) -> None:
+    """Print the summary as rich tables (plain text when the output is not a terminal)."""
+    chars = {name_: char for char, name_ in zip("M*E-", KIND_NAMES.values())}
+    counts = ", ".join(f"{n} {kind} ({chars[kind]})" for kind, n in s.layer_counts.items() if n)
+    console.print(f"[bold]{name}[/bold] — nemotron_h, {len(s.pattern)} layers: {counts}", highlight=False)
+    console.print(shape_line(config), highlight=False)
+    console.print(f"pattern {s.pattern}", soft_wrap=True, highlight=False)
+    if s.mtp_blocks:
+        console.print(f"MTP: {s.mtp_blocks} block(s) of pattern {s.mtp_pattern}", highlight=False)
+    console.print(_param_table(s))
+    console.print(_weight_table(s))
+    for w in s.weight_memory:
+        console.print(f"  {w.format}: {w.assumption}.", highlight=False)
+    console.print(_cache_table(s))
+    console.print(
+        f"  KV {s.kv_bytes_per_token:,} B/token"
+        + (f" (+{s.mtp_kv_bytes_per_token:,} B/token MTP)" if s.mtp_blocks else "")
+        + f"; Mamba state {human_bytes(s.ssm_state_bytes)} SSM ({config.mamba_ssm_cache_dtype})"
+        + f" + {human_bytes(s.conv_state_bytes)} conv (bf16), constant in length.",
+        highlight=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------- info
+
+
+def add_info(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="layer pattern, parameter counts, weight and cache memory")
+    presets = ", ".join(PRESETS)
+    p.add_argument("model", help=f"a preset ({presets}; a unique prefix works) or a directory with config.json")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        name, config = resolve_config(args.model)
+    except ModelSpecError as e:
+        print(f"nemotron3 info: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    summary = summarize(config)
+    if args.json:
+        print(json.dumps({"model": name, **summary.to_dict()}, indent=2))
+    else:
+        render_summary(Console(), name, config, summary)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemotron3", description="Nemotron 3 (nemotron_h) in PyTorch.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_info(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (`nemotron3 = "nemotron3.cli:main"`); returns the exit code instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    return args.func(args)
