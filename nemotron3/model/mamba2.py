@@ -198,20 +198,25 @@ class Mamba2Mixer(nn.Module):
         """in_proj and its split: z [.., I] (gate), xbc [.., C] (conv input x|B|C), dt [.., nh]."""
         return self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
 
-    def mix(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+    def mix(
+        self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, state: MambaState | None, decode: bool | None = None
+    ) -> torch.Tensor:
         """Everything between in_proj and out_proj for b sequences of t tokens each.
 
         z: [b, t, I]; xbc: [b, t, C]; dt: [b, t, nh]; state (if given) is read and advanced in place.
-        One token with a state takes the recurrence step; anything else the chunked scan.
+        `decode` (default: one token with a state) takes the recurrence step, else the chunked scan; the
+        engine passes False for a one-token prompt chunk, since that is prefill for the Δ clamp (§5.8).
         Returns the gated-normed output [b, t, I] (float32; the caller casts for out_proj).
         """
         b, t, _ = xbc.shape
+        if decode is None:
+            decode = state is not None and t == 1
         xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv if state else None)
         xbc = F.silu(xbc)
         gn = self.n_groups * self.state_size
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
         A = -torch.exp(self.A_log.float())
-        if state is not None and t == 1:  # decode: one recurrence step
+        if decode:  # one recurrence step
             delta = self._step_size(dt[:, 0], chunked=False)
             xh = x[:, 0].view(b, self.num_heads, self.head_dim)
             ssm = state.ssm if state.ssm.dtype == torch.float32 else state.ssm.float()

@@ -1,0 +1,8 @@
+"""nemotron3: NVIDIA Nemotron 3 (nemotron_h) as open, readable PyTorch."""
+
+from nemotron3.config import ModelConfig
+from nemotron3.engine.llm import LLM
+from nemotron3.engine.outputs import CompletionOutput, RequestOutput
+from nemotron3.engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "ModelConfig", "RequestOutput", "SamplingParams"]

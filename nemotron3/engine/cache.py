@@ -1,0 +1,158 @@
+"""The engine's hybrid cache: paged K/V blocks for attention layers, state slots for Mamba layers.
+
+Both pools are allocated once, up front, from the memory budget (research/serving.md: vLLM and SGLang
+manage hybrid models the same way). A sequence owns one state slot (conv window + float32 SSM state
+per Mamba layer, constant size) and a list of K/V blocks (grows by one block every `block_size`
+tokens). K/V are stored per layer as [nkv, num_blocks·block_size, d]: a sequence whose blocks are
+consecutive (the allocator hands out the lowest free ids first, so a request running alone always is)
+reads its keys as a view; otherwise they are gathered through its block table.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from nemotron3.config import ATTENTION, MAMBA, ModelConfig
+
+SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CacheConfig:
+    """Sizes of the preallocated pools. `memory_bytes` bounds K/V blocks + state slots together."""
+
+    memory_bytes: int = 2 << 30
+    block_size: int = 16
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.memory_bytes <= 0:
+            raise ValueError(f"cache memory_bytes must be > 0, got {self.memory_bytes}")
+
+
+class FreeList:
+    """Integer ids handed out lowest-first (keeps a lone sequence's blocks consecutive)."""
+
+    def __init__(self, n: int) -> None:
+        self.capacity = n
+        self._free = list(range(n))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"asked for {n} ids, {len(self._free)} free")
+        return [heapq.heappop(self._free) for _ in range(n)]
+
+    def give(self, ids: list[int]) -> None:
+        for i in ids:
+            heapq.heappush(self._free, i)
+
+
+@dataclass
+class SeqCache:
+    """What one sequence holds in the cache."""
+
+    slot: int
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # tokens whose K/V and state are in the cache
+
+
+class HybridCache:
+    """Preallocated pools for every attention and Mamba layer of one model."""
+
+    def __init__(self, config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.config = config
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        kinds = config.layers_block_type
+        self.attn_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == ATTENTION)}
+        self.mamba_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == MAMBA)}
+        n_attn, n_mamba = len(self.attn_index), len(self.mamba_index)
+        ssm_dtype = SSM_DTYPES[config.mamba_ssm_cache_dtype]
+        elt = torch.tensor([], dtype=dtype).element_size()
+        slot_bytes = n_mamba * (
+            config.mamba_conv_dim * (config.conv_kernel - 1) * elt
+            + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
+        )
+        block_bytes = n_attn * 2 * config.num_key_value_heads * self.block_size * config.head_dim * elt
+        slots = cache_config.max_num_seqs
+        left = cache_config.memory_bytes - slots * slot_bytes
+        if left < 0:
+            raise ValueError(
+                f"cache memory {cache_config.memory_bytes / 2**20:.1f} MiB cannot hold {slots} Mamba state slots "
+                f"({slot_bytes / 2**20:.2f} MiB each): raise the memory budget or lower max_num_seqs"
+            )
+        num_blocks = left // block_bytes if block_bytes else 0
+        if n_attn and num_blocks < 1:
+            raise ValueError(f"cache memory leaves no room for a single K/V block ({block_bytes} bytes)")
+        self.num_blocks = int(num_blocks)
+        self.slot_bytes, self.block_bytes = slot_bytes, block_bytes
+        tokens = self.num_blocks * self.block_size
+        nkv, d = config.num_key_value_heads, config.head_dim
+        self.k = torch.zeros(n_attn, nkv, tokens, d, dtype=dtype, device=device)
+        self.v = torch.zeros(n_attn, nkv, tokens, d, dtype=dtype, device=device)
+        self.conv = torch.zeros(n_mamba, slots, config.mamba_conv_dim, config.conv_kernel - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(
+            n_mamba, slots, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
+            dtype=ssm_dtype, device=device,
+        )  # fmt: skip
+        self.free_blocks = FreeList(self.num_blocks)
+        self.free_slots = FreeList(slots)
+        self.has_attention = n_attn > 0
+
+    # ------------------------------------------------------------------ accounting
+    def blocks_needed(self, seq: SeqCache | None, new_tokens: int) -> int:
+        """Extra blocks a sequence needs to hold `new_tokens` more tokens."""
+        if not self.has_attention:
+            return 0
+        have = len(seq.blocks) if seq else 0
+        total = (seq.num_tokens if seq else 0) + new_tokens
+        return max(0, -(-total // self.block_size) - have)
+
+    def can_grow(self, seq: SeqCache | None, new_tokens: int) -> bool:
+        return self.blocks_needed(seq, new_tokens) <= len(self.free_blocks)
+
+    def open(self) -> SeqCache:
+        """A fresh sequence: one state slot, zeroed (the recurrence starts from S = 0, empty conv window)."""
+        slot = self.free_slots.take(1)[0]
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+        return SeqCache(slot=slot)
+
+    def grow(self, seq: SeqCache, new_tokens: int) -> None:
+        """Reserve blocks so the sequence can hold `new_tokens` more tokens."""
+        seq.blocks.extend(self.free_blocks.take(self.blocks_needed(seq, new_tokens)))
+
+    def close(self, seq: SeqCache) -> None:
+        """Return a sequence's slot and blocks to the pools."""
+        self.free_blocks.give(seq.blocks)
+        self.free_slots.give([seq.slot])
+        seq.blocks = []
+        seq.slot = -1
+
+    # ------------------------------------------------------------------ addressing
+    def token_positions(self, seq: SeqCache, start: int, n: int) -> torch.Tensor:
+        """Pool token indices of positions start … start+n−1 of a sequence (through its block table)."""
+        pos = torch.arange(start, start + n)
+        blocks = torch.tensor(seq.blocks, dtype=torch.long)[pos // self.block_size]
+        return blocks * self.block_size + pos % self.block_size
+
+    def kv_view(self, layer: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `length` tokens of a sequence: [nkv, length, d] (a view when blocks are consecutive)."""
+        j = self.attn_index[layer]
+        n_blocks = -(-length // self.block_size)
+        first = seq.blocks[0]
+        if seq.blocks[:n_blocks] == list(range(first, first + n_blocks)):
+            start = first * self.block_size
+            return self.k[j, :, start : start + length], self.v[j, :, start : start + length]
+        idx = self.token_positions(seq, 0, length).to(self.k.device)
+        return self.k[j].index_select(1, idx), self.v[j].index_select(1, idx)

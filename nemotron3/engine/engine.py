@@ -1,0 +1,263 @@
+"""LLMEngine: requests in, one batched model step at a time, per-request outputs out.
+
+`add_request` validates and queues; `step` schedules (continuous batching, chunked prefill,
+preemption), runs the model once over the ragged batch, samples every sequence that needs a token,
+applies stop conditions and returns the requests whose state changed. `LLM` and the server drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nemotron3.engine.cache import CacheConfig, HybridCache
+from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nemotron3.engine.runner import ModelRunner, Segment
+from nemotron3.engine.sampler import SamplingTensors, sample
+from nemotron3.engine.sampling_params import SamplingParams
+from nemotron3.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+from nemotron3.io.tokenizer import Tokenizer
+from nemotron3.model.nemotron import NemotronHForCausalLM
+
+
+@dataclass
+class EngineConfig:
+    """Engine options (vLLM's names where they exist)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the cache
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 2 << 30  # K/V blocks + Mamba state slots together
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, model: NemotronHForCausalLM, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        self.cache = HybridCache(
+            mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype, model.device
+        )
+        capacity = self.cache.num_blocks * self.cache.block_size if self.cache.has_attention else 1 << 62
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if capacity < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} needs {self.max_model_len} K/V tokens but the cache holds "
+                    f"{capacity}: raise kv_cache_memory_bytes or lower max_model_len"
+                )
+            self.max_model_len = capacity
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill), self.cache
+        )
+        self.runner = ModelRunner(model, self.cache)
+        eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = {e for e in eos if e is not None}
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | None = None
+    ) -> None:
+        """Validate and queue a request. Prompts: text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
+            )
+        req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
+        for index in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, next(self._arrivals), gen)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompt given but the model has no tokenizer: pass prompt_token_ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:5]} are not token ids in [0, {vocab})")
+        return text, ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request: its cache returns to the pools at once. Unknown or finished ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One model forward over the scheduled batch; returns outputs of requests that advanced."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler could not place any work: the cache is too small for one sequence")
+            return []
+        now = time.time()
+        segments, sampled = [], []
+        for seq in sched.decodes:
+            segments.append(Segment(seq.cache, [seq.all_ids[-1]], decode=True, want_logits=True))
+            sampled.append(seq)
+        for seq, n in sched.prefills:
+            start = seq.num_computed
+            done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
+            segments.append(Segment(seq.cache, seq.all_ids[start : start + n], decode=False, want_logits=done))
+            if done:
+                sampled.append(seq)
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        logits = self.runner.step(segments)
+        changed: dict[str, _Request] = {}
+        if sampled:
+            self._sample_and_append(sampled, logits)
+            for seq in sampled:
+                changed[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in changed.values():
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = time.time()
+            out = self._output(req)
+            if out.finished:
+                req.metrics.finished_time = time.time()
+                del self.requests[req.request_id]
+            outputs.append(out)
+        return outputs
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        params = [s.params for s in seqs]
+        tensors = SamplingTensors.build(params, [s.generator for s in seqs], logits.device)
+        for row, s in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not allowed yet
+            if len(s.output_ids) < s.params.min_tokens:
+                banned = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
+                logits[row, list(banned)] = float("-inf")
+        counts = prompt_mask = None
+        if tensors.any_penalty:
+            V = logits.shape[-1]
+            counts = torch.zeros(len(seqs), V, dtype=torch.int32, device=logits.device)
+            prompt_mask = torch.zeros(len(seqs), V, dtype=torch.bool, device=logits.device)
+            for row, s in enumerate(seqs):
+                if s.output_ids:
+                    out = torch.tensor(s.output_ids, device=logits.device)
+                    counts[row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+                prompt_mask[row, s.prompt_ids] = True
+        result = sample(logits, tensors, counts, prompt_mask)
+        tokens = result.token_ids.tolist()
+        for row, (s, tok) in enumerate(zip(seqs, tokens)):
+            s.output_ids.append(tok)
+            if result.logprobs is not None and s.params.logprobs is not None:
+                self._record_logprobs(s, row, tok, result)
+            self._check_stop(s, tok)
+            if s.status is Status.FINISHED:
+                self.scheduler.finish(s)
+
+    def _record_logprobs(self, s: Sequence, row: int, tok: int, result) -> None:
+        lp = float(result.logprobs[row])
+        s.cumulative_logprob += lp
+        entry = {tok: Logprob(lp)}
+        k = s.params.logprobs
+        if k and result.top_ids is not None:
+            for rank, (tid, tlp) in enumerate(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())):
+                entry.setdefault(tid, Logprob(tlp))
+                entry[tid].rank = rank + 1
+        s.logprobs.append(entry)
+
+    def _check_stop(self, s: Sequence, tok: int) -> None:
+        p = s.params
+        n_out = len(s.output_ids)
+        if self.tokenizer is not None:
+            prev = len(s.text)
+            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if p.stop and self._apply_stop_strings(s, prev):
+                return
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_ids:
+                return self._finish(s, "stop", None)
+            if tok in p.stop_token_ids:
+                return self._finish(s, "stop", tok)
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return self._finish(s, "length", None)
+        if len(s.prompt_ids) + n_out >= self.max_model_len:
+            return self._finish(s, "length", None)
+
+    def _apply_stop_strings(self, s: Sequence, prev_len: int) -> bool:
+        """End at the first stop string that appears in the new text (trimmed unless asked to keep it)."""
+        window = max(0, prev_len - max(len(x) for x in s.params.stop) + 1)
+        hits = [(s.text.find(x, window), x) for x in s.params.stop]
+        hits = [(i, x) for i, x in hits if i >= 0]
+        if not hits or len(s.output_ids) < s.params.min_tokens:
+            return False
+        i, x = min(hits)
+        s.text = s.text[: i + len(x)] if s.params.include_stop_str_in_output else s.text[:i]
+        self._finish(s, "stop", x)
+        return True
+
+    @staticmethod
+    def _finish(s: Sequence, reason: str, stop_reason) -> None:
+        s.finish_reason, s.stop_reason = reason, stop_reason
+        s.status = Status.FINISHED
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_ids),
+                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )  # fmt: skip
+            for s in req.seqs
+        ]
+        req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+        finished = all(s.status is Status.FINISHED for s in req.seqs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)

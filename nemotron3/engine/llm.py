@@ -1,0 +1,139 @@
+"""LLM: the offline API with vLLM's names — `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from nemotron3.engine.engine import EngineConfig, LLMEngine
+from nemotron3.engine.outputs import CompletionOutput, RequestOutput
+from nemotron3.engine.sampling_params import SamplingParams
+from nemotron3.io.tokenizer import Tokenizer
+from nemotron3.model.nemotron import NemotronHForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
+
+
+class LLM:
+    """Generate with a Nemotron-H model: continuous batching, chunked prefill and a paged hybrid cache.
+
+    model: a checkpoint directory, a preset name, or an already built NemotronHForCausalLM.
+    Engine options (vLLM's names): max_model_len, max_num_seqs, max_num_batched_tokens,
+    enable_chunked_prefill, block_size, kv_cache_memory_bytes.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | NemotronHForCausalLM,
+        *,
+        tokenizer: str | os.PathLike | Tokenizer | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+        dt_clamp: str | None = None,
+        speculative_config: dict | None = None,
+        seed: int = 0,
+        **engine_options,
+    ) -> None:
+        if speculative_config is not None:
+            raise ValueError("speculative_config: MTP speculative decoding is not available in this version yet")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        known = set(EngineConfig.__dataclass_fields__)
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        torch.manual_seed(seed)
+        if isinstance(model, NemotronHForCausalLM):
+            self.model = model
+        else:
+            from nemotron3.loader import load_model
+
+            self.model = load_model(model, dtype=dtype, device=device, dt_clamp=dt_clamp)
+        if tokenizer is None and not isinstance(model, NemotronHForCausalLM) and (Path(model) / "tokenizer.json").is_file():
+            tokenizer = model
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_dir(tokenizer)
+        self.engine = LLMEngine(self.model, tokenizer, EngineConfig(**engine_options))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | dict | list,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        prompts: a string, {"prompt_token_ids": [...]}, or a list of either (a list of ints alone is
+        one tokenized prompt, as vLLM's TokensPrompt).
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        with Progress(disable=not use_tqdm, transient=True) as bar:
+            task = bar.add_task("generating", total=len(ids))
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.advance(task)
+        return [final[rid] for rid in ids]
+
+    def stream(self, prompt: str | dict | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one RequestOutput per step with only the new tokens/text of each sample (deltas).
+
+        Closing the iterator early (break, or `.close()`) cancels the request and frees its cache.
+        Other requests already queued in the engine keep running alongside.
+        """
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, prompt, sampling_params)
+        sent: dict[int, tuple[int, int]] = {}
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    finished = out.finished
+                    yield _delta(out, sent)
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
+
+def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
+    """The part of each sample not yet sent: new token ids and new text."""
+    deltas = []
+    for c in out.outputs:
+        n_tok, n_txt = sent.get(c.index, (0, 0))
+        deltas.append(
+            CompletionOutput(
+                c.index, c.text[n_txt:], c.token_ids[n_tok:], c.cumulative_logprob,
+                c.logprobs[n_tok:] if c.logprobs is not None else None, c.finish_reason, c.stop_reason,
+            )  # fmt: skip
+        )
+        sent[c.index] = (len(c.token_ids), len(c.text))
+    return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished, out.metrics)

@@ -1,0 +1,117 @@
+"""One forward step over a ragged batch, reading and writing the hybrid cache's pools.
+
+All tokens of the step are packed into one stream [1, T, H]: token-wise layers (norms, MoE, MLP,
+projections, lm_head) run once over the stream. Sequence-mixing layers split it: decode rows (one new
+token each) advance their Mamba states together in one recurrence step; each prefill chunk runs the
+chunked scan from its own state; attention runs per sequence over that sequence's own keys. No sequence
+is padded to another's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemotron3.config import ATTENTION, MAMBA
+from nemotron3.engine.cache import HybridCache, SeqCache
+from nemotron3.model.attention import causal_attention
+from nemotron3.model.mamba2 import MambaState
+from nemotron3.model.nemotron import NemotronHForCausalLM
+
+
+@dataclass
+class Segment:
+    """Tokens of one sequence fed in this step."""
+
+    seq: SeqCache
+    tokens: list[int]
+    decode: bool  # a generated token (recurrence step) rather than a prompt chunk (scan)
+    want_logits: bool  # sample after this segment (last prompt chunk, or a decode step)
+
+
+class ModelRunner:
+    """Runs NemotronHForCausalLM over packed ragged batches with a HybridCache."""
+
+    def __init__(self, model: NemotronHForCausalLM, cache: HybridCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.kinds = model.config.layers_block_type
+
+    @torch.inference_mode()
+    def step(self, segments: list[Segment]) -> torch.Tensor:
+        """Feed every segment (decode segments first, in slot order); return logits [n_want, V] float32.
+
+        The cache must already hold blocks for the new tokens (HybridCache.grow).
+        """
+        device = self.model.device
+        ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
+        lengths = [len(s.tokens) for s in segments]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        n_dec = sum(1 for s in segments if s.decode)
+        if any(s.decode for s in segments[n_dec:]) or any(n != 1 for n in lengths[:n_dec]):
+            raise ValueError("decode segments (one token each) must come first")
+        write_idx = None
+        if self.cache.has_attention:
+            write_idx = torch.cat(
+                [self.cache.token_positions(s.seq, s.seq.num_tokens, len(s.tokens)) for s in segments]
+            ).to(device)
+        backbone = self.model.backbone
+        hidden = backbone.embeddings(ids)[None]
+        for i, block in enumerate(backbone.layers):
+            x = block.norm(hidden)
+            if self.kinds[i] == MAMBA:
+                out = self._mamba(i, block.mixer, x, segments, offsets, n_dec)
+            elif self.kinds[i] == ATTENTION:
+                out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
+            else:
+                out = block.mixer(x)
+            hidden = hidden + out
+        rows = [offsets[k + 1] - 1 for k, s in enumerate(segments) if s.want_logits]
+        last = backbone.norm_f(hidden[0, rows])
+        for s, n in zip(segments, lengths):
+            s.seq.num_tokens += n
+        return self.model.lm_head(last).float()
+
+    def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):
+        j = self.cache.mamba_index[layer]
+        conv, ssm = self.cache.conv[j], self.cache.ssm[j]
+        z, xbc, dt = mixer.project(x)  # [1, T, ·]
+        parts = []
+        if n_dec:
+            slots = [s.seq.slot for s in segments[:n_dec]]
+            first = slots[0]
+            consecutive = slots == list(range(first, first + n_dec))
+            if consecutive:  # views: the step updates the pool in place
+                state = MambaState(conv[first : first + n_dec], ssm[first : first + n_dec])
+            else:
+                idx = torch.tensor(slots, device=conv.device)
+                state = MambaState(conv.index_select(0, idx), ssm.index_select(0, idx))
+            y = mixer.mix(
+                z[0, :n_dec, None], xbc[0, :n_dec, None], dt[0, :n_dec, None], state, decode=True
+            )  # [n_dec, 1, I]
+            if not consecutive:
+                conv.index_copy_(0, idx, state.conv)
+                ssm.index_copy_(0, idx, state.ssm)
+            parts.append(y.view(1, n_dec, -1))
+        for k in range(n_dec, len(segments)):
+            a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
+            state = MambaState(conv[slot : slot + 1], ssm[slot : slot + 1])
+            parts.append(mixer.mix(z[:, a:b], xbc[:, a:b], dt[:, a:b], state, decode=False))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return mixer.out_proj(y.to(x.dtype))
+
+    def _attention(self, layer: int, attn, x: torch.Tensor, segments: list[Segment], offsets: list[int], write_idx):
+        j = self.cache.attn_index[layer]
+        q, k, v = attn.qkv(x)  # q [1, nq, T, d]; k, v [1, nkv, T, d]
+        self.cache.k[j].index_copy_(1, write_idx, k[0])
+        self.cache.v[j].index_copy_(1, write_idx, v[0])
+        outs = []
+        for n, s in enumerate(segments):
+            a, b = offsets[n], offsets[n + 1]
+            keys, values = self.cache.kv_view(layer, s.seq, s.seq.num_tokens + (b - a))
+            outs.append(causal_attention(q[:, :, a:b], keys[None], values[None]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return attn.output(out)

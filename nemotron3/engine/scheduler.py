@@ -1,0 +1,176 @@
+"""Continuous batching: which sequences run this step and how many tokens each feeds.
+
+Policy (as vLLM v1): running sequences first, oldest first; each decode takes one token, each
+unfinished prefill a chunk, all under a per-step token budget; then waiting sequences are admitted
+oldest first while a state slot, K/V blocks and budget remain. When the block pool runs dry the
+newest running sequence is preempted: its slot and blocks go back to the pools and it re-enters the
+front of the queue to be recomputed (prompt + generated tokens) later. The oldest request always
+makes progress, so none starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from nemotron3.engine.cache import HybridCache, SeqCache
+from nemotron3.engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample stream of a request: prompt, generated tokens and its place in the cache."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order: lower is older
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    cache: SeqCache | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    cumulative_logprob: float = 0.0
+    logprobs: list = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_computed(self) -> int:
+        return self.cache.num_tokens if self.cache else 0
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens known but not yet in the cache (the prompt, a recompute, or the last sampled token)."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_pending == 1 and self.num_computed >= len(self.prompt_ids)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # per-step token budget (prefill chunks + decodes)
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass
+class Scheduled:
+    """The step's work: sequences with the number of tokens each feeds, decodes first."""
+
+    decodes: list[Sequence]
+    prefills: list[tuple[Sequence, int]]
+    preempted: list[Sequence]
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: HybridCache) -> None:
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's cache and drop it from the queues."""
+        if seq.cache is not None:
+            self.cache.close(seq.cache)
+            seq.cache = None
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.cache.close(seq.cache)
+        seq.cache = None
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens the sequence could add with the blocks it has plus all free blocks."""
+        if not self.cache.has_attention:
+            return 1 << 62
+        c = seq.cache
+        return len(self.cache.free_blocks) * self.cache.block_size + len(c.blocks) * self.cache.block_size - c.num_tokens
+
+    def schedule(self) -> Scheduled:
+        budget = self.config.max_num_batched_tokens
+        decodes: list[Sequence] = []
+        prefills: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        self.running.sort(key=lambda s: s.arrival)
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            want = 1 if seq.is_decode else min(seq.num_pending, budget)
+            if not self.config.enable_chunked_prefill and not seq.is_decode:
+                want = seq.num_pending
+            while self._room(seq) < want:  # pool dry: preempt the newest running sequence
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            self.cache.grow(seq.cache, want)
+            budget -= want
+            if seq.is_decode:
+                decodes.append(seq)
+            else:
+                prefills.append((seq, want))
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if not len(self.cache.free_slots):
+                break
+            want = min(seq.num_pending, budget) if self.config.enable_chunked_prefill else seq.num_pending
+            if want > budget and (decodes or prefills):
+                break  # an unchunked prompt waits for a step of its own
+            blocks = self.cache.blocks_needed(None, want)
+            if blocks > len(self.cache.free_blocks):
+                break
+            self.waiting.popleft()
+            seq.cache = self.cache.open()
+            self.cache.grow(seq.cache, want)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            budget -= want
+            prefills.append((seq, want))
+        decodes.sort(key=lambda s: s.cache.slot)
+        return Scheduled(decodes, prefills, preempted)
