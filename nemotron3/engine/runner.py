@@ -30,6 +30,18 @@ class Segment:
     want_logits: bool  # sample after this segment (last prompt chunk, or a decode step)
 
 
+def transpose_linear_storage(model: torch.nn.Module) -> None:
+    """Store every Linear weight [N, K] as a transposed view of a contiguous [K, N] tensor.
+
+    F.linear then multiplies by a contiguous K×N matrix, which MKL streams much faster for the
+    one-row GEMVs of decode: lm_head 32000×512 fp32 runs at 21 GB/s instead of 7.7 GB/s here
+    (benchmarks/notes); prefill GEMMs are unaffected. Values and shapes are unchanged.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
 class ModelRunner:
     """Runs NemotronHForCausalLM over packed ragged batches with a HybridCache."""
 
@@ -37,6 +49,8 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.kinds = model.config.layers_block_type
+        if model.device.type == "cpu":
+            transpose_linear_storage(model)
 
     @torch.inference_mode()
     def step(self, segments: list[Segment]) -> torch.Tensor:
