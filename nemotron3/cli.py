@@ -204,6 +204,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- generate
+
+
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text or tokens with the engine")
+    p.add_argument("model", help="a checkpoint directory or a preset (random weights)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch); needs tokenizer.json")
+    src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nemotron3 import LLM, SamplingParams
+
+    try:
+        prompts = args.prompt or [{"prompt_token_ids": [int(t) for t in ids.split(",")]} for ids in args.prompt_ids]
+        params = SamplingParams(
+            n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+        llm = LLM(args.model, dtype=args.dtype)
+        if args.stream:
+            if len(prompts) != 1:
+                raise ValueError("--stream takes exactly one prompt")
+            for delta in llm.stream(prompts[0], params):
+                c = delta.outputs[0]
+                print(c.text if c.text else " ".join(map(str, c.token_ids)), end="" if c.text else " ", flush=True)
+            print()
+            return EXIT_OK
+        outputs = llm.generate(prompts, params)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nemotron3 generate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for out in outputs:
+        for c in out.outputs:
+            if args.json:
+                print(json.dumps({"prompt": out.prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
+                                  "finish_reason": c.finish_reason}))  # fmt: skip
+            else:
+                print(c.text if c.text else " ".join(map(str, c.token_ids)))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- entry
 
 
@@ -211,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotron3", description="Nemotron 3 (nemotron_h) in PyTorch.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info(subparsers)
+    add_generate(subparsers)
     return parser
 
 
