@@ -17,6 +17,7 @@ from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.model.attention import causal_attention
 from nemotron3.model.mamba2 import MambaState
+from nemotron3.model.moe import Experts
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 
@@ -40,6 +41,10 @@ def transpose_linear_storage(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
             module.weight.data = module.weight.data.t().contiguous().t()
+        elif isinstance(module, Experts):  # stacked [E, out, in]: each expert's matrix transposed likewise
+            for p in (module.up_proj, module.down_proj):
+                if p.is_contiguous():
+                    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class ModelRunner:
