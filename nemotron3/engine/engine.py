@@ -33,6 +33,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     block_size: int = 16
     kv_cache_memory_bytes: int = 2 << 30  # K/V blocks + Mamba state slots together
+    compile: bool = False  # torch.compile the Mamba decode step (fuses its ~30 small ops; inductor on CPU)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill), self.cache
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, compile=config.compile)
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)

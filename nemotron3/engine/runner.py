@@ -50,12 +50,19 @@ def transpose_linear_storage(model: torch.nn.Module) -> None:
 class ModelRunner:
     """Runs NemotronHForCausalLM over packed ragged batches with a HybridCache."""
 
-    def __init__(self, model: NemotronHForCausalLM, cache: HybridCache) -> None:
+    def __init__(self, model: NemotronHForCausalLM, cache: HybridCache, compile: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.kinds = model.config.layers_block_type
         if model.device.type == "cpu":
             transpose_linear_storage(model)
+        # The decode recurrence is ~30 tiny element-wise ops per Mamba layer; inductor fuses them
+        # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
+        self.mix_decode = {
+            i: torch.compile(block.mixer.mix, dynamic=True) if compile else block.mixer.mix
+            for i, block in enumerate(model.backbone.layers)
+            if self.kinds[i] == MAMBA
+        }
 
     @torch.inference_mode()
     def step(self, segments: list[Segment]) -> torch.Tensor:
@@ -108,7 +115,7 @@ class ModelRunner:
             else:
                 idx = torch.tensor(slots, device=conv.device)
                 state = MambaState(conv.index_select(0, idx), ssm.index_select(0, idx))
-            y = mixer.mix(
+            y = self.mix_decode[layer](
                 z[0, :n_dec, None], xbc[0, :n_dec, None], dt[0, :n_dec, None], state, decode=True
             )  # [n_dec, 1, I]
             if not consecutive:

@@ -157,3 +157,9 @@ def test_bad_requests_are_rejected_with_the_reason(models):
     assert_pools_empty(llm.engine)  # nothing leaked by the rejected requests
     out = llm.generate({"prompt_token_ids": [5] * 30}, SamplingParams(max_tokens=None, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"  # stops at the context limit
+
+
+def test_compiled_decode_matches_eager(models, prompts, reference):
+    llm = LLM(models[1], compile=True, max_num_batched_tokens=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == reference[:3]
