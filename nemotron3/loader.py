@@ -1,0 +1,100 @@
+"""load_model: a checkpoint directory or a preset name → a ready NemotronHForCausalLM (DESIGN.md contract)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from nemotron3.config import DT_CLAMP_MODES, PRESETS, ModelConfig, preset
+from nemotron3.io.checkpoint import (
+    CheckpointReader,
+    check_against,
+    check_memory,
+    expected_disk_shapes,
+    read_state,
+    warn_missing_mtp,
+)
+from nemotron3.model.nemotron import NemotronHForCausalLM, keeps_fp32
+
+
+def _target_dtypes(model: NemotronHForCausalLM, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    return {n: torch.float32 if keeps_fp32(n) else dtype for n in model.state_dict()}
+
+
+def _bytes(model: NemotronHForCausalLM, dtypes: dict[str, torch.dtype]) -> int:
+    return sum(t.numel() * dtypes[n].itemsize for n, t in model.state_dict().items())
+
+
+def _build(config: ModelConfig) -> NemotronHForCausalLM:
+    with torch.device("meta"):
+        return NemotronHForCausalLM(config)
+
+
+def load_model(
+    path_or_preset: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dt_clamp: str | None = None,
+    seed: int = 0,
+) -> NemotronHForCausalLM:
+    """Load a `nemotron_h` checkpoint directory (config.json + safetensors), or build a preset with
+    seeded random weights (tiny, nano-30b-a3b, super-120b-a12b, ultra-550b-a55b). Returns eval mode.
+
+    dt_clamp: "checkpoint" (default: clamp Δ to config.time_step_limit, as NVIDIA/vLLM) or
+    "transformers" (reproduce transformers 5.23's prefill-only clamp, for parity tests).
+    """
+    if dt_clamp is not None and dt_clamp not in DT_CLAMP_MODES:
+        raise ValueError(f"dt_clamp must be one of {DT_CLAMP_MODES}, got {dt_clamp!r}")
+    device = torch.device(device)
+    path = Path(path_or_preset)
+    if path.is_dir():
+        model = _load_dir(path, dtype, device, dt_clamp)
+    elif str(path_or_preset) in PRESETS:
+        model = _init_preset(str(path_or_preset), dtype, device, dt_clamp, seed)
+    else:
+        raise ValueError(
+            f"{str(path_or_preset)!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})"
+        )
+    return model.eval()
+
+
+def _load_dir(path: Path, dtype: torch.dtype, device: torch.device, dt_clamp: str | None) -> NemotronHForCausalLM:
+    config = ModelConfig.from_json(path)
+    if dt_clamp:
+        config = config.replace(dt_clamp=dt_clamp)
+    reader = CheckpointReader(path)
+    on_disk = reader.names()
+    has_mtp = any(n.startswith("mtp.") for n in on_disk)
+    if config.num_nextn_predict_layers and not has_mtp:
+        warn_missing_mtp(path)
+        config = config.replace(num_nextn_predict_layers=0)
+    if has_mtp and not config.num_nextn_predict_layers:
+        warnings.warn(f"{path}: mtp.* tensors present but config.json declares no MTP layers; ignoring them", stacklevel=3)
+        reader.files = {n: v for n, v in reader.files.items() if not n.startswith("mtp.")}
+    model = _build(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    check_against(reader, expected_disk_shapes(shapes))
+    dtypes = _target_dtypes(model, dtype)
+    if device.type == "cpu":
+        check_memory(_bytes(model, dtypes), f"loading {path} as {dtype}")
+    model.load_state_dict(read_state(reader, shapes, dtypes, device), assign=True)
+    return model
+
+
+def _init_preset(name: str, dtype: torch.dtype, device: torch.device, dt_clamp: str | None, seed: int) -> NemotronHForCausalLM:
+    config = preset(name)
+    if dt_clamp:
+        config = config.replace(dt_clamp=dt_clamp)
+    model = _build(config)
+    dtypes = _target_dtypes(model, dtype)
+    if device.type == "cpu":
+        check_memory(_bytes(model, dtypes), f"preset {name} at {dtype}")
+    model.to_dtype(dtype)  # on the meta device: sets dtypes without allocating
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator)
+    return model
