@@ -40,8 +40,14 @@ class Block(nn.Module):
             return self.mixer.new_state(batch_size, dtype, device)
         return None
 
-    def forward(self, hidden: torch.Tensor, state: LayerState = None) -> torch.Tensor:
-        # hidden: [b, t, H] → [b, t, H]
+    def forward(self, hidden: torch.Tensor, state: LayerState = None, decode: bool | None = None) -> torch.Tensor:
+        """hidden: [b, t, H] → [b, t, H]. `decode` picks the Mamba recurrence step over the scan
+        (default: one token with a state); the two agree except for transformers' Δ clamp (§5.8)."""
         x = self.norm(hidden)
-        x = self.mixer(x, state) if self.kind in (MAMBA, ATTENTION) else self.mixer(x)
+        if self.kind == MAMBA:
+            x = self.mixer(x, state, decode)
+        elif self.kind == ATTENTION:
+            x = self.mixer(x, state)
+        else:
+            x = self.mixer(x)
         return hidden + x

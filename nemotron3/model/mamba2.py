@@ -243,7 +243,7 @@ class Mamba2Mixer(nn.Module):
         y = (y + xf * self.D.float()[:, None]).reshape(b, t, self.inner)
         return self.norm(y, z)
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None, decode: bool | None = None) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]; `state` (if given) is read and advanced in place.
         z, xbc, dt = self.project(hidden)
-        return self.out_proj(self.mix(z, xbc, dt, state).to(hidden.dtype))
+        return self.out_proj(self.mix(z, xbc, dt, state, decode).to(hidden.dtype))

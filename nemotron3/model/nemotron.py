@@ -98,8 +98,10 @@ class NemotronHForCausalLM(nn.Module):
         if cache is not None and len(cache.layers) != len(self.backbone.layers):
             raise ValueError(f"cache has {len(cache.layers)} layer states, model has {len(self.backbone.layers)} layers")
         hidden = self.backbone.embeddings(input_ids)
+        # One new token after cached history is a decode step; a first token is prefill (as in transformers).
+        decode = cache is not None and cache.seq_len > 0 and input_ids.shape[1] == 1
         for i, block in enumerate(self.backbone.layers):
-            hidden = block(hidden, cache.layers[i] if cache is not None else None)
+            hidden = block(hidden, cache.layers[i] if cache is not None else None, decode)
         hidden = self.backbone.norm_f(hidden)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
