@@ -85,6 +85,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop: stop strings need a tokenizer; use stop_token_ids instead")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"

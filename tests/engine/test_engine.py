@@ -152,6 +152,8 @@ def test_bad_requests_are_rejected_with_the_reason(models):
         llm.generate("hello")
     with pytest.raises(ValueError, match="max_tokens"):
         llm.generate({"prompt_token_ids": [5]}, SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate({"prompt_token_ids": [5]}, SamplingParams(stop=["\n"]))
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(models[1], max_batch=3)
     assert_pools_empty(llm.engine)  # nothing leaked by the rejected requests
