@@ -165,3 +165,39 @@ def test_compiled_decode_matches_eager(models, prompts, reference):
     llm = LLM(models[1], compile=True, max_num_batched_tokens=16)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == reference[:3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE trained here on a few sentences (vocab < the test model's 320)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    return d
+
+
+def test_text_prompts_detokenize_and_stop_strings(models, tokenizer_dir):
+    llm = LLM(models[1], tokenizer=tokenizer_dir)
+    tok = llm.get_tokenizer()
+    assert tok.vocab_size <= 320 and tok.eos_token_id is not None
+    base = llm.generate("the quick", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    c = base.outputs[0]
+    assert base.prompt == "the quick" and base.prompt_token_ids == tok.encode("the quick")
+    assert c.text == tok.decode(c.token_ids)
+    stop = next(c.text[i : i + 2] for i in range(4, len(c.text) - 2) if c.text[i : i + 2].strip())
+    cut = llm.generate("the quick", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert cut.text == c.text[: c.text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate("the quick", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                                   include_stop_str_in_output=True))[0].outputs[0]  # fmt: skip
+    assert kept.text == c.text[: c.text.index(stop) + len(stop)]
+    assert c.token_ids[: len(cut.token_ids)] == cut.token_ids  # greedy: the same tokens up to the stop
