@@ -260,6 +260,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- bench
+
+
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="measure the engine: prefill tok/s, decode tok/s, ms/step per batch size")
+    p.add_argument("model", help="a checkpoint directory or a preset (random weights)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests (default 1 8 32)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (default 512)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--reps", type=int, default=3, help="timed prefill repetitions (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from nemotron3.bench import build_model, run_bench
+
+    err = Console(stderr=True)
+    sizes = {"--prompt-len": [args.prompt_len], "--max-tokens": [args.max_tokens], "--reps": [args.reps]}
+    sizes["--batch"] = args.batch
+    bad = [f"{flag} must be >= 1" for flag, values in sizes.items() if any(v < 1 for v in values)]
+    if bad:
+        print(f"nemotron3 bench: error: {'; '.join(bad)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        name, model = build_model(args.model, dtype, args.seed)
+        if args.prompt_len + args.max_tokens > model.config.max_position_embeddings:
+            raise ValueError(
+                f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} exceeds the model's "
+                f"max_position_embeddings {model.config.max_position_embeddings}"
+            )
+        progress = None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
+        result = run_bench(model, args.batch, args.prompt_len, args.max_tokens, args.reps, args.seed, progress)
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        print(f"nemotron3 bench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    result = {"model": name, **result}
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    console = Console()
+    pre = result["prefill"]
+    console.print(
+        f"[bold]{name}[/bold] — {result['params'] / 1e6:,.1f} M params, {result['dtype']}, "
+        f"{result['threads']} threads, torch {result['torch']}; prompt {args.prompt_len} tokens, "
+        f"{args.max_tokens} new per request",
+        highlight=False,
+    )
+    console.print(
+        f"prefill (batch 1): {pre['tok_s']:,.0f} tok/s ({pre['median_s'] * 1e3:,.1f} ms, "
+        f"median of {len(pre['times_s'])})",
+        highlight=False,
+    )
+    table = Table(title="decode")
+    for col in ("batch", "ms/step (median)", "decode tok/s", "end-to-end tok/s", "full-batch steps"):
+        table.add_column(col, justify="right")
+    for d in result["decode"]:
+        ms, tok = d["median_ms_per_step"], d["decode_tok_s"]
+        table.add_row(
+            str(d["batch"]), "-" if ms is None else f"{ms:.2f}", "-" if tok is None else f"{tok:,.1f}",
+            f"{d['e2e_tok_s']:,.1f}", str(d["full_batch_steps"]),
+        )  # fmt: skip
+    console.print(table)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- entry
 
 
@@ -268,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info(subparsers)
     add_generate(subparsers)
+    add_bench(subparsers)
     return parser
 
 
