@@ -63,29 +63,44 @@ def load_model(
 
 
 def _load_dir(path: Path, dtype: torch.dtype, device: torch.device, dt_clamp: str | None) -> NemotronHForCausalLM:
+    """config.json + safetensors → model: validate names/shapes and memory first, then read lazily
+    into tensors that become the parameters directly (the model is built on `meta`, no double allocation)."""
     config = ModelConfig.from_json(path)
     if dt_clamp:
         config = config.replace(dt_clamp=dt_clamp)
-    reader = CheckpointReader(path)
-    on_disk = reader.names()
-    has_mtp = any(n.startswith("mtp.") for n in on_disk)
-    if config.num_nextn_predict_layers and not has_mtp:
-        warn_missing_mtp(path)
-        config = config.replace(num_nextn_predict_layers=0)
-    if has_mtp and not config.num_nextn_predict_layers:
-        warnings.warn(f"{path}: mtp.* tensors present but config.json declares no MTP layers; ignoring them", stacklevel=3)
-        reader.files = {n: v for n, v in reader.files.items() if not n.startswith("mtp.")}
-    model = _build(config)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    check_against(reader, expected_disk_shapes(shapes))
-    dtypes = _target_dtypes(model, dtype)
-    if device.type == "cpu":
-        check_memory(_bytes(model, dtypes), f"loading {path} as {dtype}")
-    model.load_state_dict(read_state(reader, shapes, dtypes, device), assign=True)
+    with CheckpointReader(path) as reader:
+        has_mtp = any(n.startswith("mtp.") for n in reader.names())
+        if config.num_nextn_predict_layers and not has_mtp:
+            warn_missing_mtp(path)
+            config = config.replace(num_nextn_predict_layers=0)
+        if has_mtp and not config.num_nextn_predict_layers:
+            dropped = reader.drop("mtp.")
+            warnings.warn(
+                f"{path}: {len(dropped)} mtp.* tensors present but config.json declares no MTP layers "
+                "(num_nextn_predict_layers = 0); ignoring them, as transformers does",
+                stacklevel=3,
+            )
+        model = _build(config)
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        check_against(reader, expected_disk_shapes(shapes))
+        dtypes = _target_dtypes(model, dtype)
+        if device.type == "cpu":
+            check_memory(_bytes(model, dtypes), f"loading {path} as {dtype}")
+        model.load_state_dict(read_state(reader, shapes, dtypes, device), assign=True)
+    _check_materialised(model, str(path))
     return model
 
 
-def _init_preset(name: str, dtype: torch.dtype, device: torch.device, dt_clamp: str | None, seed: int) -> NemotronHForCausalLM:
+def _check_materialised(model: NemotronHForCausalLM, what: str) -> None:
+    """Every parameter and buffer must hold data after loading (none left on the meta device)."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"{what}: {len(left)} tensors were not materialised: {', '.join(left[:10])}")
+
+
+def _init_preset(
+    name: str, dtype: torch.dtype, device: torch.device, dt_clamp: str | None, seed: int
+) -> NemotronHForCausalLM:
     config = preset(name)
     if dt_clamp:
         config = config.replace(dt_clamp=dt_clamp)

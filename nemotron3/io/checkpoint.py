@@ -14,6 +14,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import torch
 from safetensors import safe_open
@@ -26,10 +27,7 @@ SINGLE_FILE = "model.safetensors"
 EXPERT_DISK = re.compile(r"^(?P<prefix>.+\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
 STACKED = re.compile(r"^(?P<prefix>.+\.mixer\.experts)\.(?P<proj>up_proj|down_proj)$")
 QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64,
-}  # fmt: skip
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointMismatchError(ValueError):
@@ -72,6 +70,37 @@ def disk_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, 
     return [(f"{m['prefix']}.{e}.{m['proj']}.weight", tuple(shape[1:])) for e in range(shape[0])]
 
 
+def memory_name(name: str) -> tuple[str, int | None]:
+    """On-disk name → (in-memory name, expert index or None); drops a multimodal `language_model.` prefix."""
+    name = name.removeprefix("language_model.")
+    m = EXPERT_DISK.match(name)
+    if not m:
+        return name, None
+    return f"{m['prefix']}.{m['proj']}", int(m["e"])
+
+
+def stack_experts(disk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk (per-expert) state → in-memory state with experts stacked [E, …]; inverse of split_experts."""
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in disk.items():
+        mem, e = memory_name(name)
+        if e is not None:
+            experts.setdefault(mem, {})[e] = tensor
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in disk.items():
+        mem, e = memory_name(name)
+        if e is None:
+            state[mem] = tensor
+        elif mem not in state:
+            by_index = experts[mem]
+            if sorted(by_index) != list(range(len(by_index))):
+                raise CheckpointMismatchError(
+                    f"{mem}: expert indices {sorted(by_index)} are not 0..{len(by_index) - 1}"
+                )
+            state[mem] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return state
+
+
 def split_experts(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """In-memory state → on-disk (name, tensor) pairs, in order."""
     for name, tensor in state.items():
@@ -104,7 +133,8 @@ class CheckpointReader:
         self._open: dict[str, object] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
 
-    def _handle(self, filename: str):
+    def _handle(self, filename: str):  # returns a safetensors handle (its type is private)
+        """The open (memory-mapped) handle of one shard, opened on first use."""
         if filename not in self._open:
             path = self.directory / filename
             if not path.is_file():
@@ -112,8 +142,28 @@ class CheckpointReader:
             self._open[filename] = safe_open(path, framework="pt")
         return self._open[filename]
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the memory maps of every shard opened so far."""
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
+
     def names(self) -> set[str]:
+        """Every tensor name in the checkpoint (on-disk names, `language_model.` stripped)."""
         return set(self.files)
+
+    def drop(self, prefix: str) -> list[str]:
+        """Forget the tensors whose names start with `prefix` (e.g. "mtp."); returns the dropped names."""
+        dropped = sorted(n for n in self.files if n.startswith(prefix))
+        for name in dropped:
+            del self.files[name]
+        return dropped
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string) from the file header, without reading the data."""
@@ -124,6 +174,7 @@ class CheckpointReader:
         return self._meta[name]
 
     def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (only its bytes) from its shard, as stored."""
         stored, filename = self.files[name]
         return self._handle(filename).get_tensor(stored)
 
@@ -132,10 +183,12 @@ def check_against(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
     """One CheckpointMismatchError listing every missing, unexpected and mis-shaped tensor."""
     on_disk = reader.names()
     quantized = sorted(n for n in on_disk if n.rsplit(".", 1)[-1] in QUANT_SUFFIXES)
+    quantized += sorted(n for n in on_disk & set(expected) if reader.meta(n)[1] not in FLOAT_DTYPES)
     if quantized:
         raise CheckpointMismatchError(
-            f"{reader.directory} is a quantized (ModelOpt) checkpoint ({quantized[0]}, …): loading quantized "
-            "weights is not supported by this version; dequantize it to BF16 first"
+            f"{reader.directory} is a quantized (ModelOpt) checkpoint ({quantized[0]}: "
+            f"{reader.meta(quantized[0])[1]}, {len(quantized)} such tensors): quantized checkpoints are loaded "
+            "by nemotron3.quant, which does not read them yet; dequantize to BF16 first"
         )
     missing = sorted(set(expected) - on_disk)
     unexpected = sorted(on_disk - set(expected))
@@ -155,11 +208,15 @@ def check_against(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
 
 
 def expected_disk_shapes(state_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """In-memory name → shape, turned into the on-disk name → shape a checkpoint must hold."""
     return {dn: ds for n, s in state_shapes.items() for dn, ds in disk_names(n, s)}
 
 
 def read_state(
-    reader: CheckpointReader, state_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype], device
+    reader: CheckpointReader,
+    state_shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Materialise every in-memory tensor from the checkpoint at its target dtype, experts stacked."""
     state = {}
@@ -179,6 +236,7 @@ def read_state(
 
 
 def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" (10⁹, as transformers) or "2GiB" (2³⁰)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", size)
@@ -186,6 +244,21 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"max_shard_size: cannot read {size!r}; use bytes or e.g. '5GB'")
     unit = {"B": 1, None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m[2]]
     return int(float(m[1]) * unit)
+
+
+def plan_shards(state: dict[str, torch.Tensor], limit: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group the on-disk (name, tensor) pairs, in order, into shards of at most `limit` bytes each
+    (a single tensor larger than `limit` gets a shard of its own). Tensors are views, not copies."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in split_experts(state):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    return shards
 
 
 def save_checkpoint(
@@ -198,31 +271,25 @@ def save_checkpoint(
 
     One `model.safetensors` when everything fits one shard, else `model-0000k-of-0000n.safetensors`
     plus `model.safetensors.index.json` ({"metadata": {"total_size"}, "weight_map"}), as HF writes.
+    Shards are materialised on the CPU one at a time, so a GPU model needs one shard of host memory.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    limit = _parse_size(max_shard_size)
+    meta = [n for n, t in state.items() if t.device.type == "meta"]
+    if meta:
+        raise ValueError(f"cannot save tensors on the meta device (no data): {', '.join(meta[:5])}")
+    shards = plan_shards(state, _parse_size(max_shard_size))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = total = 0
-    for name, tensor in split_experts(state):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous()
-        size += nbytes
-        total += nbytes
     for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
         stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / filename, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, filename))
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]  # fmt: skip
+    weight_map, total = {}, 0
+    for filename, shard in zip(names, shards):
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in shard}
+        save_file(tensors, directory / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, filename))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config.to_json(directory)

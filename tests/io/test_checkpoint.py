@@ -16,9 +16,43 @@ from nemotron3.io import checkpoint
 from nemotron3.io.checkpoint import CheckpointMismatchError, save_checkpoint
 
 
+def read_file(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a single-file checkpoint, to tamper with in a test."""
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return nemotron3.load_model("tiny", seed=3)
+
+
+def test_name_mapping_round_trip(tiny):
+    state = tiny.state_dict()
+    disk = dict(checkpoint.split_experts(state))
+    assert "backbone.layers.1.mixer.experts.7.down_proj.weight" in disk
+    assert (
+        disk["backbone.layers.1.mixer.experts.2.up_proj.weight"].shape
+        == state["backbone.layers.1.mixer.experts.up_proj"].shape[1:]
+    )
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    assert checkpoint.expected_disk_shapes(shapes) == {n: tuple(t.shape) for n, t in disk.items()}
+    back = checkpoint.stack_experts(disk)
+    assert list(back) == list(state)  # same names, same order
+    assert all(torch.equal(back[n], state[n]) for n in state)
+    assert checkpoint.memory_name("language_model.backbone.layers.1.mixer.experts.12.up_proj.weight") == (
+        "backbone.layers.1.mixer.experts.up_proj", 12)  # fmt: skip
+    assert checkpoint.memory_name("backbone.layers.1.mixer.shared_experts.up_proj.weight") == (
+        "backbone.layers.1.mixer.shared_experts.up_proj.weight", None)  # fmt: skip
+    prefixed = {"language_model." + n: t for n, t in disk.items()}
+    assert list(checkpoint.stack_experts(prefixed)) == list(state)
+
+
+def test_stacking_refuses_a_gap_in_expert_indices(tiny):
+    disk = dict(checkpoint.split_experts(tiny.state_dict()))
+    del disk["backbone.layers.1.mixer.experts.5.up_proj.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"experts.up_proj: expert indices .* are not 0..6"):
+        checkpoint.stack_experts(disk)
 
 
 def test_hub_names_and_per_expert_tensors(tiny, tmp_path):
@@ -49,8 +83,7 @@ def test_sharded_round_trip_is_exact(tiny, tmp_path):
 
 def test_one_error_lists_every_problem(tiny, tmp_path):
     save_checkpoint(tiny, tiny.config, tmp_path)
-    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = read_file(tmp_path)
     del state["backbone.layers.0.mixer.D"], state["lm_head.weight"]
     state["backbone.layers.9.mixer.extra.weight"] = torch.zeros(2)
     state["backbone.layers.3.mixer.q_proj.weight"] = torch.zeros(3, 64)
@@ -65,8 +98,7 @@ def test_one_error_lists_every_problem(tiny, tmp_path):
 
 def test_quantized_checkpoint_is_refused_clearly(tiny, tmp_path):
     save_checkpoint(tiny, tiny.config, tmp_path)
-    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = read_file(tmp_path)
     state["backbone.layers.0.mixer.in_proj.weight_scale"] = torch.ones(1)
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError, match="quantized"):
@@ -78,9 +110,6 @@ def test_memory_check_fails_fast_with_both_sizes(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
     with pytest.raises(MemoryError, match=r"needs \d+\.\d\d (KiB|MiB) of memory but only 1000 B is available"):
         nemotron3.load_model(tmp_path)
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: 64 << 30)
-    with pytest.raises(MemoryError, match=r"ultra-550b-a55b.*needs 1044\.06 GiB .* only 64\.00 GiB"):
-        nemotron3.load_model("ultra-550b-a55b", dtype=torch.bfloat16)
 
 
 def test_bf16_load_keeps_selection_bias_and_mamba_scalars_fp32(tiny, tmp_path):
@@ -124,11 +153,73 @@ def test_we_load_what_transformers_writes(tmp_path):
         assert torch.equal(t, ours.state_dict()[name.replace("model.", "backbone.", 1)]), name
 
 
-def test_bad_paths(tmp_path):
-    with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
-        nemotron3.load_model(tmp_path / "nowhere")
-    preset("tiny").to_json(tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+def test_single_file_when_it_fits_and_stale_shards_removed(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config, tmp_path, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_checkpoint(tiny, tiny.config, tmp_path)  # default 5GB: one file; the old shards must go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "nemotron_h"
+    again = nemotron3.load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), again.state_dict().values()))
+
+
+def test_shard_sizes_and_size_strings(tiny):
+    state = tiny.state_dict()
+    limit = checkpoint._parse_size("30KB")
+    assert limit == 30_000 and checkpoint._parse_size("2GiB") == 2 << 30 and checkpoint._parse_size(77) == 77
+    shards = checkpoint.plan_shards(state, limit)
+    for shard in shards:
+        sizes = [t.numel() * t.element_size() for _, t in shard]
+        assert sum(sizes) <= limit or len(shard) == 1  # only a lone oversized tensor may exceed the limit
+    assert [n for shard in shards for n, _ in shard] == [n for n, _ in checkpoint.split_experts(state)]
+    with pytest.raises(ValueError, match="max_shard_size"):
+        checkpoint._parse_size("five gigs")
+
+
+def test_long_lists_are_truncated_with_counts(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config, tmp_path)
+    state = {k: t for k, t in read_file(tmp_path).items() if ".experts." not in k}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError) as err:
         nemotron3.load_model(tmp_path)
-    with pytest.raises(ValueError, match="dt_clamp"):
-        nemotron3.load_model("tiny", dt_clamp="never")
+    n_missing = sum(1 for n in dict(checkpoint.split_experts(tiny.state_dict())) if ".experts." in n)
+    assert f"{n_missing} missing" in str(err.value)
+    assert f"and {n_missing - 20} more" in str(err.value)
+
+
+def test_uint8_tensor_is_refused_as_quantized(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config, tmp_path)
+    state = read_file(tmp_path)
+    state["lm_head.weight"] = torch.zeros(state["lm_head.weight"].shape, dtype=torch.uint8)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"lm_head.weight: U8.*nemotron3.quant"):
+        nemotron3.load_model(tmp_path)
+
+
+def test_language_model_prefix_is_stripped(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config, tmp_path)
+    state = {"language_model." + k: t for k, t in read_file(tmp_path).items()}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    again = nemotron3.load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), again.state_dict().values()))
+
+
+def test_mtp_tensors_without_mtp_config_are_ignored_with_a_warning(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config.replace(num_nextn_predict_layers=0), tmp_path)  # tensors keep mtp.*
+    with pytest.warns(UserWarning, match=r"mtp\.\* tensors present but config.json declares no MTP layers"):
+        ours = nemotron3.load_model(tmp_path)
+    assert ours.mtp is None and not any(n.startswith("mtp.") for n in ours.state_dict())
+
+
+def test_partial_mtp_is_an_error_not_a_warning(tiny, tmp_path):
+    save_checkpoint(tiny, tiny.config, tmp_path)
+    state = read_file(tmp_path)
+    del state["mtp.layers.0.eh_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing:\n\s+mtp.layers.0.eh_proj.weight"):
+        nemotron3.load_model(tmp_path)
+
+
+def test_meta_tensors_cannot_be_saved(tmp_path):
+    with pytest.raises(ValueError, match="meta device.*lm_head.weight"):
+        save_checkpoint({"lm_head.weight": torch.empty(2, 2, device="meta")}, preset("tiny"), tmp_path)

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints and tokenizers in the Hugging Face `nemotron_h` layout."""
