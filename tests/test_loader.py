@@ -80,3 +80,10 @@ def test_bad_paths(tmp_path):
         nemotron3.load_model(tmp_path)
     with pytest.raises(ValueError, match="dt_clamp"):
         nemotron3.load_model("tiny", dt_clamp="never")
+
+
+def test_seeded_preset_is_the_same_model_in_every_dtype():
+    full = nemotron3.load_model("tiny", seed=4)
+    low = nemotron3.load_model("tiny", seed=4, dtype=torch.bfloat16)
+    for (name, a), b in zip(full.state_dict().items(), low.state_dict().values()):
+        assert torch.equal(a.to(b.dtype), b), name

@@ -157,4 +157,6 @@ class NemotronHForCausalLM(nn.Module):
         if cfg.rescale_prenorm_residual:
             w = mixer.out_proj.weight
             bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5) bound = 1/√fan_in
-            w.uniform_(-bound, bound, generator=generator).div_(math.sqrt(cfg.num_hidden_layers))
+            # drawn and scaled in fp32, rounded once to the model dtype: the same seed gives the same model
+            draw = torch.empty(w.shape, dtype=torch.float32, device=w.device).uniform_(-bound, bound, generator=generator)
+            w.copy_(draw.div_(math.sqrt(cfg.num_hidden_layers)))
