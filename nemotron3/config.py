@@ -251,7 +251,7 @@ class ModelConfig:
 
     # ----------------------------------------------------------------- reading and writing
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict in any spelling: pattern strings, legacy kinds and `mamba_*` keys."""
         d = dict(raw)
         model_type = d.pop("model_type", "nemotron_h")
@@ -303,7 +303,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -322,7 +322,7 @@ class ModelConfig:
             path = path / "config.json"
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

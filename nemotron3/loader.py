@@ -52,6 +52,10 @@ def load_model(
     device = torch.device(device)
     path = Path(path_or_preset)
     if path.is_dir():
+        from nemotron3.quant.load import is_quantized_checkpoint, load_quantized
+
+        if is_quantized_checkpoint(path):  # ModelOpt NVFP4 / FP8 layout: packed weights stay packed
+            return load_quantized(path, dtype=dtype, device=device, dt_clamp=dt_clamp)
         model = _load_dir(path, dtype, device, dt_clamp)
     elif str(path_or_preset) in PRESETS:
         model = _init_preset(str(path_or_preset), dtype, device, dt_clamp, seed)
@@ -69,17 +73,7 @@ def _load_dir(path: Path, dtype: torch.dtype, device: torch.device, dt_clamp: st
     if dt_clamp:
         config = config.replace(dt_clamp=dt_clamp)
     with CheckpointReader(path) as reader:
-        has_mtp = any(n.startswith("mtp.") for n in reader.names())
-        if config.num_nextn_predict_layers and not has_mtp:
-            warn_missing_mtp(path)
-            config = config.replace(num_nextn_predict_layers=0)
-        if has_mtp and not config.num_nextn_predict_layers:
-            dropped = reader.drop("mtp.")
-            warnings.warn(
-                f"{path}: {len(dropped)} mtp.* tensors present but config.json declares no MTP layers "
-                "(num_nextn_predict_layers = 0); ignoring them, as transformers does",
-                stacklevel=3,
-            )
+        config = reconcile_mtp(path, config, reader)
         model = _build(config)
         shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
         check_against(reader, expected_disk_shapes(shapes))
@@ -89,6 +83,23 @@ def _load_dir(path: Path, dtype: torch.dtype, device: torch.device, dt_clamp: st
         model.load_state_dict(read_state(reader, shapes, dtypes, device), assign=True)
     _check_materialised(model, str(path))
     return model
+
+
+def reconcile_mtp(path: Path, config: ModelConfig, reader: CheckpointReader) -> ModelConfig:
+    """Drop the MTP block from the config when the checkpoint has no mtp.* tensors, and ignore mtp.*
+    tensors the config does not declare (both with a warning)."""
+    has_mtp = any(n.startswith("mtp.") for n in reader.names())
+    if config.num_nextn_predict_layers and not has_mtp:
+        warn_missing_mtp(path)
+        config = config.replace(num_nextn_predict_layers=0)
+    if has_mtp and not config.num_nextn_predict_layers:
+        dropped = reader.drop("mtp.")
+        warnings.warn(
+            f"{path}: {len(dropped)} mtp.* tensors present but config.json declares no MTP layers "
+            "(num_nextn_predict_layers = 0); ignoring them, as transformers does",
+            stacklevel=4,
+        )
+    return config
 
 
 def _check_materialised(model: NemotronHForCausalLM, what: str) -> None:

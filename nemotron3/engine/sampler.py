@@ -37,7 +37,7 @@ class SamplingTensors:
     @classmethod
     def build(
         cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device | str = "cpu"
-    ) -> "SamplingTensors":
+    ) -> SamplingTensors:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 

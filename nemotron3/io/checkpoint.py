@@ -187,8 +187,9 @@ def check_against(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
     if quantized:
         raise CheckpointMismatchError(
             f"{reader.directory} is a quantized (ModelOpt) checkpoint ({quantized[0]}: "
-            f"{reader.meta(quantized[0])[1]}, {len(quantized)} such tensors): quantized checkpoints are loaded "
-            "by nemotron3.quant, which does not read them yet; dequantize to BF16 first"
+            f"{reader.meta(quantized[0])[1]}, {len(quantized)} such tensors) without a quantization config: "
+            "nemotron3.quant loads quantized checkpoints when config.json has a quantization_config or an "
+            "hf_quant_config.json is present"
         )
     missing = sorted(set(expected) - on_disk)
     unexpected = sorted(on_disk - set(expected))

@@ -17,7 +17,7 @@ class Tokenizer:
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nemotron3.config import ATTENTION, MAMBA, MLP as MLP_KIND, MOE, ModelConfig
+from nemotron3.config import ATTENTION, MAMBA, MOE, ModelConfig
+from nemotron3.config import MLP as MLP_KIND
 from nemotron3.model.attention import Attention
 from nemotron3.model.cache import LayerState
 from nemotron3.model.mamba2 import Mamba2Mixer

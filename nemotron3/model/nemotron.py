@@ -108,7 +108,7 @@ class NemotronHForCausalLM(nn.Module):
         kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         return CausalLMOutput(logits=self.lm_head(kept).float(), hidden_states=hidden)
 
-    def to_dtype(self, dtype: torch.dtype) -> "NemotronHForCausalLM":
+    def to_dtype(self, dtype: torch.dtype) -> NemotronHForCausalLM:
         """Cast floating weights to `dtype`, keeping FP32_TENSORS in float32 (use instead of .to(dtype))."""
         for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
             if tensor.is_floating_point():

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from nemotron3.quant.fp8 import fp8_dequantize, fp8_quantize
 from nemotron3.quant.nvfp4 import NVFP4_BLOCK, nvfp4_fake_quantize
@@ -80,11 +80,11 @@ class _StraightThrough(torch.autograd.Function):
     """y = quantize(x) forward, dy/dx = identity backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, quantize) -> torch.Tensor:  # noqa: ANN001 - a callable
+    def forward(ctx, x: torch.Tensor, quantize) -> torch.Tensor:
         return quantize(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):
         return grad, None
 
 
@@ -158,7 +158,7 @@ class _NVFP4TrainingLinear(torch.autograd.Function):
     """Linear layer whose Fprop, Dgrad and Wgrad GEMMs all take quantized operands (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config, generator, rht_matrix):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, config, generator, rht_matrix):
         x2 = x.reshape(-1, x.shape[-1])
         xq = _qdq(x2, config.input, config.input_scale) if config.input else x2
         wq = _qdq(weight, config.weight, block_rows=16 if config.weight_2d else 1) if config.weight else weight
@@ -167,7 +167,7 @@ class _NVFP4TrainingLinear(torch.autograd.Function):
         return F.linear(xq, wq, bias).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001, ANN205
+    def backward(ctx, dy):
         x2, weight, wq = ctx.saved_tensors
         cfg = ctx.config
         dy2 = dy.reshape(-1, dy.shape[-1])

@@ -22,8 +22,8 @@ import time
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from nemotron3.quant.fp8 import FP8_DTYPE, as_scale, fp8_dequantize, fp8_quantize
 from nemotron3.quant.nvfp4 import NVFP4_BLOCK, _check_packed, dequantize_unchecked, nvfp4_quantize

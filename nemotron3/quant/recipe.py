@@ -155,7 +155,7 @@ class BitsReport:
 
     @property
     def bytes(self) -> int:
-        return int(round(self.bits / 8))
+        return round(self.bits / 8)
 
     def fit(self, gpus: int = 8, gib_per_gpu: float = 80.0) -> dict[str, float]:
         """Weights spread over `gpus` (tensor parallel): per-GPU weight GiB and what is left for KV/state."""

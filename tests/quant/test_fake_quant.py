@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from nemotron3.quant.fake_quant import (
     FakeQuantConfig,
@@ -34,7 +34,7 @@ def test_forward_is_the_checkpoint_rounding_and_the_gradient_is_identity():
         assert torch.equal(y, expected) and not torch.equal(y, x)
         y.backward(upstream)
         assert torch.equal(x.grad, upstream)  # straight through: identity
-    tiles = fake_quantize(x, "nvfp4", block_rows=16 - 10 if False else 1)  # noqa: SIM222 - 1x16 default
+    tiles = fake_quantize(x, "nvfp4")  # 1x16 blocks by default
     assert torch.equal(tiles, nvfp4_fake_quantize(x.detach()))
 
 
