@@ -334,7 +334,135 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- quantize
+
+
+def add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    from nemotron3.quant.recipe import RECIPES
+
+    p = subparsers.add_parser("quantize", help="post-training quantization to ModelOpt's NVFP4/FP8 checkpoint layout")
+    p.add_argument("src", help="a checkpoint directory or a preset (random weights)")
+    p.add_argument("dst", help="output directory (must be empty or absent, unless --overwrite)")
+    p.add_argument("--recipe", default="ultra", help=f"quantization recipe ({', '.join(RECIPES)}; default ultra)")
+    p.add_argument("--calib", type=int, default=16, help="calibration samples (default 16; 0: weight-only)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    p.add_argument("--calib-text", default=None, help="a UTF-8 text file to calibrate on (default: random tokens)")
+    p.add_argument("--no-kv-cache", action="store_true", help="write no FP8 KV-cache scales")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from nemotron3.quant.ptq import quantize_checkpoint
+    from nemotron3.quant.recipe import RECIPES
+
+    def fail(msg: str) -> int:
+        print(f"nemotron3 quantize: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.recipe not in RECIPES:
+        return fail(f"unknown recipe {args.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if args.calib < 0 or args.calib_len < 1:
+        return fail("--calib must be >= 0 and --calib-len >= 1")
+    if not Path(args.src).is_dir() and args.src not in PRESETS:
+        return fail(f"{args.src!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        return fail(f"{dst} exists and is not empty (use --overwrite to replace it)")
+    try:
+        r = quantize_checkpoint(args.src, dst, args.recipe, calib=args.calib, seq_len=args.calib_len,
+                                calib_text=args.calib_text, kv_cache=not args.no_kv_cache,
+                                overwrite=args.overwrite, seed=args.seed)  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError) as e:
+        return fail(str(e))
+    print(f"wrote {r.directory}: recipe {r.recipe}, {r.quant_algo}, {r.quantized_modules} quantized matrices, "
+          f"{human_bytes(r.bytes_on_disk)} of safetensors; calibrated on {r.calib_samples} samples "
+          f"({r.calib_tokens} tokens)")  # fmt: skip
+    return EXIT_OK
+
+
+def add_dequantize(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("dequantize", help="quantized (ModelOpt) checkpoint -> plain bf16 nemotron_h checkpoint")
+    p.add_argument("src", help="a quantized checkpoint directory")
+    p.add_argument("dst", help="output directory (must be empty or absent, unless --overwrite)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.set_defaults(func=cmd_dequantize)
+
+
+def cmd_dequantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from nemotron3.quant.load import dequantize_checkpoint
+    from nemotron3.quant.ptq import prepare_destination
+
+    try:
+        if not Path(args.src).is_dir():
+            raise FileNotFoundError(f"{args.src}: no such checkpoint directory")
+        dst = prepare_destination(args.dst, args.overwrite)
+        dequantize_checkpoint(args.src, dst, dtype={"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype])
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError) as e:
+        print(f"nemotron3 dequantize: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {dst} ({args.dtype})")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- entry
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="training stages: pretrain")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    pre = stages.add_parser("pretrain", help="pretrain a Nemotron-3-architecture model from a YAML/TOML recipe")
+    pre.add_argument("--config", required=True, help="recipe file (.yaml/.yml/.toml), e.g. recipes/default.yaml")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a recipe value (YAML syntax), e.g. --set run.steps=50; repeatable")  # fmt: skip
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    pre.set_defaults(func=cmd_train_pretrain)
+
+
+def apply_overrides(raw: dict, assignments: list[str]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw recipe dict."""
+    import yaml
+
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        section, field = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"--set {item!r}: recipe section {section!r} is not a mapping")
+        raw[section][field] = yaml.safe_load(value)
+    return raw
+
+
+def cmd_train_pretrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from nemotron3.train.config import PretrainConfig
+    from nemotron3.train.pretrain import pretrain
+
+    try:
+        config = PretrainConfig.from_file(args.config)
+        if args.set:
+            config = PretrainConfig.from_dict(apply_overrides(dataclasses.asdict(config), args.set))
+    except (OSError, ValueError) as e:
+        print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = pretrain(config, resume=args.resume, progress=not args.no_progress)
+    except (FileExistsError, ValueError) as e:
+        print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(summary, indent=1))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(subparsers)
     add_generate(subparsers)
     add_bench(subparsers)
+    add_quantize(subparsers)
+    add_dequantize(subparsers)
+    add_train(subparsers)
     return parser
 
 

@@ -40,6 +40,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def segmented_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor
+) -> torch.Tensor:
+    """Causal attention within segments (packed documents): query i sees key j iff j ≤ i and seg[j] = seg[i].
+
+    q: [b, nq, t, d]; k, v: [b, nkv, t, d]; segments: [b, t]. The diagonal is always visible, so no
+    softmax row is empty.
+    """
+    t = q.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal  # [b, t, t]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Decode attention (one query per sequence) without expanding K/V to every query head.
 
@@ -88,9 +102,16 @@ class Attention(nn.Module):
         b, _, t, _ = attn.shape
         return self.o_proj(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def forward(self, hidden: torch.Tensor, state: KVState | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, state: KVState | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]; `state` (if given) gets this step's K/V appended.
+        # segments [b, t] (packed training, no state): a query sees only keys of its own segment.
         q, k, v = self.qkv(hidden)
+        if segments is not None:
+            if state is not None:
+                raise ValueError("packed documents (doc_ids) cannot be combined with a cache")
+            return self.output(segmented_causal_attention(q, k, v, segments))
         if state is not None:
             state.k = torch.cat([state.k, k], dim=2)
             state.v = torch.cat([state.v, v], dim=2)

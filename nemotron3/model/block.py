@@ -41,14 +41,21 @@ class Block(nn.Module):
             return self.mixer.new_state(batch_size, dtype, device)
         return None
 
-    def forward(self, hidden: torch.Tensor, state: LayerState = None, decode: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: LayerState = None,
+        decode: bool | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """hidden: [b, t, H] → [b, t, H]. `decode` picks the Mamba recurrence step over the scan
-        (default: one token with a state); the two agree except for transformers' Δ clamp (§5.8)."""
+        (default: one token with a state); the two agree except for transformers' Δ clamp (§5.8).
+        `segments` [b, t] isolates packed documents in the mixers that mix over time (training only)."""
         x = self.norm(hidden)
         if self.kind == MAMBA:
-            x = self.mixer(x, state, decode)
+            x = self.mixer(x, state, decode, segments)
         elif self.kind == ATTENTION:
-            x = self.mixer(x, state)
+            x = self.mixer(x, state, segments)
         else:
             x = self.mixer(x)
         return hidden + x

@@ -49,6 +49,35 @@ def causal_conv1d(
     return out.transpose(1, 2), window[:, :, window.shape[-1] - (k - 1) :]
 
 
+def segments_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Monotone segment index [b, t] (0, 0, 1, 1, 2 …): +1 wherever `doc_ids` changes along the sequence.
+
+    Packed training marks each document with a doc id (padding −1); a segment is a run of equal ids, so the
+    id values themselves never matter, only where they change.
+    """
+    change = torch.zeros_like(doc_ids, dtype=torch.long)
+    change[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
+    return change.cumsum(1)
+
+
+def segmented_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: torch.Tensor
+) -> torch.Tensor:
+    """Causal depthwise conv that never reads across a segment start (packed documents), from a zero state.
+
+    out[t] = bias + Σ_{s<k} w[:, k−1−s] · x[t−s] · [seg[t−s] = seg[t]]. x: [b, t, c]; weight: [c, k];
+    segments: [b, t] monotone. Returns [b, t, c]. Equal to `causal_conv1d` run on each document alone.
+    """
+    t, k = x.shape[1], weight.shape[-1]
+    w = weight.to(x.dtype)
+    out = x * w[:, k - 1]
+    for s in range(1, min(k, t)):
+        same = (segments[:, s:] == segments[:, :-s]).unsqueeze(-1)  # [b, t−s, 1]
+        tap = torch.where(same, x[:, :-s], 0.0) * w[:, k - 1 - s]
+        out = out + F.pad(tap, (0, 0, s, 0))
+    return out if bias is None else out + bias.to(x.dtype)
+
+
 def _segsum_exp(a: torch.Tensor) -> torch.Tensor:
     """exp(Σ_{j<i≤l} a_i) for j ≤ l and 0 above the diagonal. a: [..., q] → [..., q(l), q(j)]."""
     q = a.shape[-1]
@@ -67,6 +96,7 @@ def ssd_chunk_scan(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
     max_chunks: int = 16,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan (prefill). Returns y without the D skip, and the final SSM state.
 
@@ -75,13 +105,23 @@ def ssd_chunk_scan(
     Returns y [b, t, h, p] fp32 and final_state [b, h, p, n] fp32.
     Long inputs are scanned `max_chunks` chunks at a time, carrying the state, so the intra-chunk
     decay tensor (b·h·chunks·Q² floats) stays bounded: 134 MB per sequence for Super at the default.
+    segments: [b, t] monotone segment index (packed documents, see `segments_of`) or None. With it, the
+    state is reset at every segment start, as if each document were scanned alone (mamba_ssm's seq_idx):
+    every decay factor that spans a segment start is multiplied by 0.
     """
     step = chunk_size * max_chunks
     if x.shape[1] <= step:
-        return _ssd_segment(x, dt, A, B, C, chunk_size, initial_state)
+        return _ssd_segment(x, dt, A, B, C, chunk_size, initial_state, segments)
     ys, state = [], initial_state
     for s in range(0, x.shape[1], step):
-        y, state = _ssd_segment(x[:, s : s + step], dt[:, s : s + step], A, B[:, s : s + step], C[:, s : s + step], chunk_size, state)
+        seg = state_seg = None
+        if segments is not None:
+            seg = segments[:, s : s + step]
+            state_seg = segments[:, s - 1] if s > 0 else None
+        y, state = _ssd_segment(
+            x[:, s : s + step], dt[:, s : s + step], A, B[:, s : s + step], C[:, s : s + step], chunk_size,
+            state, seg, state_seg,
+        )  # fmt: skip
         ys.append(y)
     return torch.cat(ys, dim=1), state
 
@@ -94,8 +134,13 @@ def _ssd_segment(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None,
+    segments: torch.Tensor | None = None,
+    state_segment: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ssd_chunk_scan on one segment, all its chunks at once (shapes as ssd_chunk_scan)."""
+    """ssd_chunk_scan on one stretch, all its chunks at once (shapes as ssd_chunk_scan).
+
+    `state_segment` [b]: the segment the initial state belongs to (default: that of the first token).
+    """
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
     hg = h // g  # heads per B/C group
@@ -105,6 +150,8 @@ def _ssd_segment(
     if pad:  # zero Δ ⇒ padded steps leave the state unchanged and produce outputs we crop
         x, B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
+        if segments is not None:
+            segments = torch.cat([segments, segments[:, -1:].expand(b, pad)], dim=1)
     nc = (t + pad) // q
     # Group heads as [g, hg] so B/C never need to be expanded to every head.
     xdt = (x * dt[..., None]).view(b, nc, q, g, hg, p)  # Δ·x
@@ -116,14 +163,23 @@ def _ssd_segment(
     # 1. within each chunk: y_l = Σ_{j≤l} (C_l·B_j) exp(s_l − s_j) Δ_j x_j
     cb = torch.einsum("bclgn,bcsgn->bcgls", C, B)  # [b, nc, g, q, q]
     decay = _segsum_exp(a)  # [b, nc, g, hg, q, q]
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, nc, g, hg, q]
+    chunk_decay = torch.exp(a_cum[..., -1])  # [b, nc, g, hg]
+    entering_decay = torch.exp(a_cum)  # [b, nc, g, hg, q]: from a chunk's entering state to step l
+    if segments is not None:  # zero every decay that crosses a segment start (a new document)
+        seg = segments.view(b, nc, q)
+        first = seg[:, 0, 0] if state_segment is None else state_segment
+        seg_in = torch.cat([first[:, None], seg[:, :-1, -1]], dim=1)  # [b, nc]: segment of the entering state
+        decay = decay * (seg[..., :, None] == seg[..., None, :])[:, :, None, None]
+        decay_to_end = decay_to_end * (seg == seg[..., -1:])[:, :, None, None]
+        chunk_decay = chunk_decay * (seg[..., -1] == seg_in)[:, :, None, None]
+        entering_decay = entering_decay * (seg == seg_in[..., None])[:, :, None, None]
     y = torch.einsum("bcgls,bcghls,bcsghp->bclghp", cb, decay, xdt)
 
     # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, nc, g, hg, q]
     chunk_states = torch.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, decay_to_end, xdt)
 
     # 3. states entering each chunk: a short recurrence over chunks
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, nc, g, hg]
     state = x.new_zeros(b, g, hg, p, n) if initial_state is None else initial_state.float().view(b, g, hg, p, n)
     entering = []
     for c in range(nc):
@@ -132,7 +188,7 @@ def _ssd_segment(
     states_in = torch.stack(entering, dim=1)  # [b, nc, g, hg, p, n]
 
     # 4. contribution of the entering state: y_l += exp(s_l) · (C_l · S_in)
-    y = y + torch.einsum("bclgn,bcghpn,bcghl->bclghp", C, states_in, torch.exp(a_cum))
+    y = y + torch.einsum("bclgn,bcghpn,bcghl->bclghp", C, states_in, entering_decay)
     y = y.reshape(b, nc * q, h, p)[:, :t]
     return y, state.reshape(b, h, p, n)
 
@@ -182,7 +238,9 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, config.n_groups, config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.inner, H, bias=config.use_bias)
 
-    def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device, ssm_dtype=torch.float32) -> MambaState:
+    def new_state(
+        self, batch_size: int, dtype: torch.dtype, device: torch.device, ssm_dtype=torch.float32
+    ) -> MambaState:
         return MambaState(
             conv=torch.zeros(batch_size, self.conv_dim, self.kernel - 1, dtype=dtype, device=device),
             ssm=torch.zeros(batch_size, self.num_heads, self.head_dim, self.state_size, dtype=ssm_dtype, device=device),
@@ -203,19 +261,34 @@ class Mamba2Mixer(nn.Module):
         return self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
 
     def mix(
-        self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, state: MambaState | None, decode: bool | None = None
+        self,
+        z: torch.Tensor,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        state: MambaState | None,
+        decode: bool | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Everything between in_proj and out_proj for b sequences of t tokens each.
 
         z: [b, t, I]; xbc: [b, t, C]; dt: [b, t, nh]; state (if given) is read and advanced in place.
         `decode` (default: one token with a state) takes the recurrence step, else the chunked scan; the
         engine passes False for a one-token prompt chunk, since that is prefill for the Δ clamp (§5.8).
+        `segments` [b, t] (packed training, no state): conv and scan restart at every segment start.
         Returns the gated-normed output [b, t, I] (float32; the caller casts for out_proj).
         """
         b, t, _ = xbc.shape
         if decode is None:
             decode = state is not None and t == 1
-        xbc, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv if state else None)
+        if segments is not None:
+            if state is not None:
+                raise ValueError("packed documents (doc_ids) cannot be combined with a cache")
+            xbc = segmented_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, segments)
+            new_conv = None
+        else:
+            xbc, new_conv = causal_conv1d(
+                xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv if state else None
+            )
         xbc = F.silu(xbc)
         gn = self.n_groups * self.state_size
         x, B, C = xbc.split([self.inner, gn, gn], dim=-1)
@@ -233,7 +306,7 @@ class Mamba2Mixer(nn.Module):
             xh = x.reshape(b, t, self.num_heads, self.head_dim)
             y, final = ssd_chunk_scan(
                 xh, delta, A, B.reshape(b, t, self.n_groups, -1), C.reshape(b, t, self.n_groups, -1),
-                self.chunk_size, state.ssm if state is not None else None,
+                self.chunk_size, state.ssm if state is not None else None, segments=segments,
             )  # fmt: skip
             if state is not None:
                 state.ssm.copy_(final)
@@ -243,7 +316,13 @@ class Mamba2Mixer(nn.Module):
         y = (y + xf * self.D.float()[:, None]).reshape(b, t, self.inner)
         return self.norm(y, z)
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None, decode: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: MambaState | None = None,
+        decode: bool | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]; `state` (if given) is read and advanced in place.
         z, xbc, dt = self.project(hidden)
-        return self.out_proj(self.mix(z, xbc, dt, state, decode).to(hidden.dtype))
+        return self.out_proj(self.mix(z, xbc, dt, state, decode, segments).to(hidden.dtype))

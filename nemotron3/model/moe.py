@@ -62,10 +62,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, H] → weights [T, k] fp32, indices [T, k] int64
         logits = F.linear(x.float(), self.weight.float())
-        return route(
+        weights, indices = route(
             logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
             self.norm_topk_prob, self.routed_scaling_factor,
         )  # fmt: skip
+        if self.training:  # kept for load balancing (nemotron3.train.balance): per-expert load, aux loss
+            self.last_scores, self.last_indices = logits.sigmoid(), indices
+        return weights, indices
 
 
 class Experts(nn.Module):

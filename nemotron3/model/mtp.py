@@ -49,13 +49,19 @@ class MTP(nn.Module):
         return list(self.layers[index * self.block_len : (index + 1) * self.block_len])
 
     def forward(
-        self, hidden: torch.Tensor, next_embeds: torch.Tensor, block_index: int = 0, states: list[LayerState] | None = None
+        self,
+        hidden: torch.Tensor,
+        next_embeds: torch.Tensor,
+        block_index: int = 0,
+        states: list[LayerState] | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden: [b, t, H] (main model's final-norm output, or the previous draft's output);
-        next_embeds: [b, t, H] embeddings of the following tokens. Returns [b, t, H] after final_layernorm."""
+        next_embeds: [b, t, H] embeddings of the following tokens; segments: [b, t] packed documents
+        (training). Returns [b, t, H] after final_layernorm."""
         layers = self.block(block_index)
         first, last = layers[0], layers[-1]
         u = first.eh_proj(torch.cat([first.enorm(next_embeds), first.hnorm(hidden)], dim=-1))
         for j, layer in enumerate(layers):
-            u = layer(u, states[j] if states is not None else None)
+            u = layer(u, states[j] if states is not None else None, segments=segments)
         return last.final_layernorm(u)

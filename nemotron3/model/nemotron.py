@@ -16,7 +16,7 @@ from torch import nn
 from nemotron3.config import ModelConfig
 from nemotron3.model.block import Block
 from nemotron3.model.cache import ModelCache
-from nemotron3.model.mamba2 import Mamba2Mixer
+from nemotron3.model.mamba2 import Mamba2Mixer, segments_of
 from nemotron3.model.moe import Experts, Router
 from nemotron3.model.mtp import MTP
 from nemotron3.model.norm import GatedRMSNorm, RMSNorm
@@ -81,11 +81,17 @@ class NemotronHForCausalLM(nn.Module):
         return ModelCache(layers=states, mtp_layers=mtp_states)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: ModelCache | None = None, logits_to_keep: int = 0
+        self,
+        input_ids: torch.Tensor,
+        cache: ModelCache | None = None,
+        logits_to_keep: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids: [b, t] int64. With `cache`, continues from it and advances it in place.
 
         logits_to_keep > 0 computes logits for the last that many positions only (generation needs 1).
+        doc_ids [b, t] (packed training, no cache): each run of equal ids is a separate document; no
+        attention, conv or SSM state crosses from one into the next (nemotron3.train.data.pack).
         Returns logits [b, t or logits_to_keep, V] float32 and the final-norm hidden states [b, t, H].
         """
         if input_ids.dim() != 2:
@@ -96,12 +102,23 @@ class NemotronHForCausalLM(nn.Module):
                 f"got min {int(input_ids.min())} max {int(input_ids.max())}"
             )
         if cache is not None and len(cache.layers) != len(self.backbone.layers):
-            raise ValueError(f"cache has {len(cache.layers)} layer states, model has {len(self.backbone.layers)} layers")
+            raise ValueError(
+                f"cache has {len(cache.layers)} layer states, model has {len(self.backbone.layers)} layers"
+            )
+        segments = None
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                )
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a cache")
+            segments = segments_of(doc_ids)
         hidden = self.backbone.embeddings(input_ids)
         # One new token after cached history is a decode step; a first token is prefill (as in transformers).
         decode = cache is not None and cache.seq_len > 0 and input_ids.shape[1] == 1
         for i, block in enumerate(self.backbone.layers):
-            hidden = block(hidden, cache.layers[i] if cache is not None else None, decode)
+            hidden = block(hidden, cache.layers[i] if cache is not None else None, decode, segments)
         hidden = self.backbone.norm_f(hidden)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
@@ -158,5 +175,7 @@ class NemotronHForCausalLM(nn.Module):
             w = mixer.out_proj.weight
             bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5) bound = 1/√fan_in
             # drawn and scaled in fp32, rounded once to the model dtype: the same seed gives the same model
-            draw = torch.empty(w.shape, dtype=torch.float32, device=w.device).uniform_(-bound, bound, generator=generator)
+            draw = torch.empty(w.shape, dtype=torch.float32, device=w.device).uniform_(
+                -bound, bound, generator=generator
+            )
             w.copy_(draw.div_(math.sqrt(cfg.num_hidden_layers)))
