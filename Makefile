@@ -20,7 +20,11 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q
 
-run info: setup
+run: setup
+	$(BIN)/nemotron3 generate --prompt "ROMEO:" --max-tokens 60
+	$(BIN)/nemotron3 generate --chat "What is 458 + 275?" --max-tokens 200
+
+info: setup
 	$(BIN)/nemotron3 info ultra-550b-a55b
 
 clean:

@@ -225,9 +225,10 @@ def build_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     from pathlib import Path
 
     from nemotron3.config import PRESETS
+    from nemotron3.default_model import resolve_model
     from nemotron3.loader import load_model
 
-    name = spec
+    name = spec = str(resolve_model(spec))
     if not Path(spec).is_dir() and spec not in PRESETS:
         names = [n for n in PRESETS if spec and n.startswith(spec)]
         if len(names) != 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nemotron3.config import PRESETS, ModelConfig, preset
+from nemotron3.default_model import resolve_model
 from nemotron3.summary import KIND_NAMES, ModelSummary, summarize
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -32,6 +34,10 @@ class ModelSpecError(ValueError):
 def resolve_config(spec: str) -> tuple[str, ModelConfig]:
     """(display name, config) for a preset name, an unambiguous preset prefix ("nano"), a directory
     holding config.json, or a config.json path. Only the config is read, never weights."""
+    try:
+        spec = str(resolve_model(spec))
+    except FileNotFoundError as e:
+        raise ModelSpecError(str(e)) from None
     path = Path(spec)
     if path.is_dir() or (path.is_file() and path.suffix == ".json"):
         try:
@@ -185,7 +191,9 @@ def render_summary(console: Console, name: str, config: ModelConfig, s: ModelSum
 def add_info(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="layer pattern, parameter counts, weight and cache memory")
     presets = ", ".join(PRESETS)
-    p.add_argument("model", help=f"a preset ({presets}; a unique prefix works) or a directory with config.json")
+    p.add_argument("model", nargs="?", default="default",
+                   help=f"a preset ({presets}; a unique prefix works), a directory with config.json, or 'default' "
+                   "(the embedded trained model; the default)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_info)
 
@@ -209,10 +217,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text or tokens with the engine")
-    p.add_argument("model", help="a checkpoint directory or a preset (random weights)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model; the default)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch); needs tokenizer.json")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeat for a batch)")
+    src.add_argument("--chat", action="append", help="a user message, wrapped in the checkpoint's chat template")
+    p.add_argument("--no-thinking", action="store_true", help="with --chat: enable_thinking=False")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -232,12 +247,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from nemotron3 import LLM, SamplingParams
 
     try:
-        prompts = args.prompt or [{"prompt_token_ids": [int(t) for t in ids.split(",")]} for ids in args.prompt_ids]
+        if args.prompt_ids:
+            prompts = [{"prompt_token_ids": [int(t) for t in ids.split(",")]} for ids in args.prompt_ids]
+        else:
+            prompts = args.prompt
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
         )  # fmt: skip
         llm = LLM(args.model, dtype=args.dtype)
+        if args.chat:
+            tok = llm.get_tokenizer()
+            if tok is None:
+                raise ValueError("--chat needs a checkpoint with tokenizer.json and a chat template")
+            prompts = [tok.apply_chat_template([{"role": "user", "content": m}], enable_thinking=not args.no_thinking)
+                       for m in args.chat]  # fmt: skip
         if args.stream:
             if len(prompts) != 1:
                 raise ValueError("--stream takes exactly one prompt")
@@ -265,7 +289,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="measure the engine: prefill tok/s, decode tok/s, ms/step per batch size")
-    p.add_argument("model", help="a checkpoint directory or a preset (random weights)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model; the default)",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests (default 1 8 32)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (default 512)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
@@ -461,7 +490,8 @@ def cmd_train_pretrain(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError) as e:
         print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(summary, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(json.dumps(summary, indent=1))
     return EXIT_OK
 
 

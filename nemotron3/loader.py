@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from nemotron3.config import DT_CLAMP_MODES, PRESETS, ModelConfig, preset
+from nemotron3.default_model import resolve_model
 from nemotron3.io.checkpoint import (
     CheckpointReader,
     check_against,
@@ -41,8 +42,9 @@ def load_model(
     dt_clamp: str | None = None,
     seed: int = 0,
 ) -> NemotronHForCausalLM:
-    """Load a `nemotron_h` checkpoint directory (config.json + safetensors), or build a preset with
-    seeded random weights (tiny, nano-30b-a3b, super-120b-a12b, ultra-550b-a55b). Returns eval mode.
+    """Load a `nemotron_h` checkpoint directory (config.json + safetensors), "default" (the embedded trained
+    model), or build a preset with seeded random weights (tiny, nano-30b-a3b, super-120b-a12b,
+    ultra-550b-a55b). Returns eval mode.
 
     dt_clamp: "checkpoint" (default: clamp Δ to config.time_step_limit, as NVIDIA/vLLM) or
     "transformers" (reproduce transformers 5.23's prefill-only clamp, for parity tests).
@@ -50,6 +52,7 @@ def load_model(
     if dt_clamp is not None and dt_clamp not in DT_CLAMP_MODES:
         raise ValueError(f"dt_clamp must be one of {DT_CLAMP_MODES}, got {dt_clamp!r}")
     device = torch.device(device)
+    path_or_preset = resolve_model(path_or_preset)
     path = Path(path_or_preset)
     if path.is_dir():
         from nemotron3.quant.load import is_quantized_checkpoint, load_quantized

@@ -74,7 +74,8 @@ def test_bad_directory_exits_2(tmp_path, capsys):
 
 def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
-    assert main(["info"]) == 2
+    assert main(["info", "no-such-model"]) == 2
+    assert main(["info"]) == 0  # no model named: the embedded default model
     assert main(["--help"]) == 0
 
 

@@ -53,8 +53,10 @@ class LLM:
         if isinstance(model, NemotronHForCausalLM):
             self.model = model
         else:
+            from nemotron3.default_model import resolve_model
             from nemotron3.loader import load_model
 
+            model = resolve_model(model)
             self.model = load_model(model, dtype=dtype, device=device, dt_clamp=dt_clamp)
         if tokenizer is None and not isinstance(model, NemotronHForCausalLM) and (Path(model) / "tokenizer.json").is_file():
             tokenizer = model

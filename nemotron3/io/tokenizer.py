@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,10 +12,17 @@ from tokenizers import Tokenizer as _HFTokenizer
 class Tokenizer:
     """Encode/decode with the checkpoint's byte-level BPE; eos/bos from tokenizer_config.json when present."""
 
-    def __init__(self, tokenizer: _HFTokenizer, eos_token: str | None = None, bos_token: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         self._tok = tokenizer
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.chat_template = chat_template
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
@@ -24,7 +32,11 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {directory}")
         cfg_path = directory / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        return cls(_HFTokenizer.from_file(str(path)), _token_str(cfg.get("eos_token")), _token_str(cfg.get("bos_token")))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return cls(_HFTokenizer.from_file(str(path)), _token_str(cfg.get("eos_token")),
+                   _token_str(cfg.get("bos_token")), template)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -35,6 +47,33 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs,
+    ) -> str:
+        """Render `messages` with the checkpoint's Jinja chat template (sandboxed), as transformers'
+        `apply_chat_template(tokenize=False)`; template_kwargs (e.g. enable_thinking=False) go to the template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
+        return _compile(self.chat_template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A chat template compiled in a sandboxed Jinja environment set up like transformers' renderer."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    return env.from_string(template)
 
 
 def _token_str(value) -> str | None:

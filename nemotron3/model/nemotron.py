@@ -8,9 +8,10 @@ nemotron3.io.checkpoint maps them to the per-expert tensors on disk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import ModelConfig
@@ -37,6 +38,7 @@ def keeps_fp32(name: str) -> bool:
 class CausalLMOutput:
     logits: torch.Tensor  # [b, t_kept, V] float32
     hidden_states: torch.Tensor  # [b, t, H] after norm_f (the MTP block's input)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth d: [b, t, V], predicts token t+1+d
 
 
 class Backbone(nn.Module):
@@ -86,12 +88,15 @@ class NemotronHForCausalLM(nn.Module):
         cache: ModelCache | None = None,
         logits_to_keep: int = 0,
         doc_ids: torch.Tensor | None = None,
+        mtp_depths: int = 0,
     ) -> CausalLMOutput:
         """input_ids: [b, t] int64. With `cache`, continues from it and advances it in place.
 
         logits_to_keep > 0 computes logits for the last that many positions only (generation needs 1).
         doc_ids [b, t] (packed training, no cache): each run of equal ids is a separate document; no
         attention, conv or SSM state crosses from one into the next (nemotron3.train.data.pack).
+        mtp_depths > 0 (training, no cache) also runs the MTP block(s) for depths 1 … mtp_depths
+        (see `mtp_forward`); their logits come back in `mtp_logits`.
         Returns logits [b, t or logits_to_keep, V] float32 and the final-norm hidden states [b, t, H].
         """
         if input_ids.dim() != 2:
@@ -123,7 +128,27 @@ class NemotronHForCausalLM(nn.Module):
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        return CausalLMOutput(logits=self.lm_head(kept).float(), hidden_states=hidden)
+        mtp_logits = self.mtp_forward(hidden, input_ids, mtp_depths, segments) if mtp_depths > 0 else []
+        return CausalLMOutput(logits=self.lm_head(kept).float(), hidden_states=hidden, mtp_logits=mtp_logits)
+
+    def mtp_forward(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, depths: int, segments: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Training-time MTP over whole sequences: depth d (1 … depths) combines the previous depth's output
+        (depth 1: the main final-norm `hidden`) with the embedding of token t+d and predicts token t+1+d.
+        Depth d uses block min(d, num_blocks) − 1: one block applied recursively, as Megatron's
+        `mtp_use_repeated_layer`. Positions whose token t+d lies past the end read token 0 (mask them).
+        Returns float32 logits [b, t, V] per depth."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        out, h = [], hidden
+        for d in range(1, depths + 1):
+            next_ids = F.pad(input_ids[:, d:], (0, d), value=0)
+            h = self.mtp(
+                h, self.backbone.embeddings(next_ids), block_index=min(d, self.mtp.num_blocks) - 1, segments=segments
+            )
+            out.append(self.lm_head(h).float())
+        return out
 
     def to_dtype(self, dtype: torch.dtype) -> NemotronHForCausalLM:
         """Cast floating weights to `dtype`, keeping FP32_TENSORS in float32 (use instead of .to(dtype))."""

@@ -88,8 +88,10 @@ class MTPSection:
 @dataclass
 class SpikeSection:
     enabled: bool = True
-    window: int = 20  # steps of history the spike test compares against
-    threshold: float = 3.0  # spike if loss > median + threshold · max(MAD-sigma, 0.02 · median)
+    window: int = 50  # steps of history the spike test compares against
+    threshold: float = 6.0  # a loss is high if > median + threshold · MAD-sigma …
+    min_rise: float = 0.5  # … and > (1 + min_rise) · median: mixed-data batches vary a lot, spikes more
+    patience: int = 3  # this many high losses in a row is a spike (rollback); a lone one only skips its batch
     lr_factor: float = 0.5  # the learning rate is multiplied by this after each rollback
     max_rollbacks: int = 5
     inject_at: int | None = None  # testing: corrupt the weights before this step to provoke a real spike
@@ -184,6 +186,7 @@ class PretrainConfig:
             (r.checkpoint_every >= 1 and r.eval_every >= 1 and r.log_every >= 1, "run.*_every must be >= 1"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             (self.spike.window >= 3, "spike.window must be >= 3"),
+            (self.spike.patience >= 1 and self.spike.min_rise >= 0, "spike.patience must be >= 1, spike.min_rise >= 0"),
             (r.export_dtype in ("float32", "bfloat16"), "run.export_dtype must be 'float32' or 'bfloat16'"),
             (0 < self.spike.lr_factor <= 1, "spike.lr_factor must lie in (0, 1]"),
         ]  # fmt: skip

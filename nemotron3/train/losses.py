@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nemotron3.model.nemotron import NemotronHForCausalLM
 from nemotron3.train.data import IGNORE_INDEX
 
 
@@ -35,22 +34,7 @@ def mtp_labels(labels: torch.Tensor, doc_ids: torch.Tensor, depth: int) -> torch
 
 
 def mtp_losses(
-    model: NemotronHForCausalLM,
-    hidden: torch.Tensor,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    doc_ids: torch.Tensor,
-    depths: int,
-    segments: torch.Tensor | None = None,
+    mtp_logits: list[torch.Tensor], labels: torch.Tensor, doc_ids: torch.Tensor
 ) -> list[tuple[torch.Tensor, int]]:
-    """(summed CE, count) per depth. Depth d uses MTP block min(d, num_blocks) − 1: with one block and
-    depths > 1 the block is applied recursively, as Megatron's `mtp_use_repeated_layer`."""
-    if model.mtp is None:
-        raise ValueError("the model has no MTP block (num_nextn_predict_layers = 0) but the recipe asks for MTP loss")
-    embed = model.backbone.embeddings
-    out, h = [], hidden
-    for d in range(1, depths + 1):
-        next_ids = F.pad(input_ids[:, d:], (0, d), value=0)  # token t+d at position t (0 past the end; masked)
-        h = model.mtp(h, embed(next_ids), block_index=min(d, model.mtp.num_blocks) - 1, segments=segments)
-        out.append(token_cross_entropy(model.lm_head(h).float(), mtp_labels(labels, doc_ids, d)))
-    return out
+    """(summed CE, count) per MTP depth, from the model's `mtp_logits` (forward with mtp_depths=D)."""
+    return [token_cross_entropy(logits, mtp_labels(labels, doc_ids, d)) for d, logits in enumerate(mtp_logits, 1)]

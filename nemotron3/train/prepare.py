@@ -30,12 +30,17 @@ class PreparedData:
 
 
 def write_task_file(path: Path, domains: list[str], count: int, seed: int, options: dict[str, dict]) -> Path:
-    """`count` task conversations (round-robin over `domains`), one document each, form-feed separated."""
+    """`count` task conversations, one document each, form-feed separated, in the chat template.
+
+    Documents cycle through `domains`; a domain listed twice gets twice the share (distinct instances).
+    """
     if count <= 0:
         raise ValueError(f"task document count must be > 0, got {count}")
-    per_domain = {d: generate(d, -(-count // len(domains)), seed, **options.get(d, {})) for d in domains}
-    docs = [render_conversation(per_domain[domains[i % len(domains)]][i // len(domains)]) for i in range(count)]
-    text = "\f".join(docs)
+    if not domains:
+        raise ValueError("data.task_domains is empty")
+    cycle = [domains[i % len(domains)] for i in range(count)]
+    pools = {d: iter(generate(d, cycle.count(d), seed, **options.get(d, {}))) for d in set(cycle)}
+    text = "\f".join(render_conversation(next(pools[d])) for d in cycle)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -34,13 +34,21 @@ from torch import nn
 
 from nemotron3.config import ModelConfig, pattern_to_kinds, preset
 from nemotron3.io.checkpoint import save_checkpoint
-from nemotron3.model.mamba2 import Mamba2Mixer, segments_of
+from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import MoE
 from nemotron3.model.nemotron import NemotronHForCausalLM, keeps_fp32
 from nemotron3.train.balance import expert_load, routers, sequence_aux_loss, update_expert_bias
 from nemotron3.train.checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from nemotron3.train.config import PretrainConfig, SpikeSection
 from nemotron3.train.data import IGNORE_INDEX, PackedBatch
+from nemotron3.train.distributed import clip_grad_norm_ as distributed_clip_grad_norm_
+from nemotron3.train.distributed import (
+    destroy_distributed,
+    gather_full_state_dict,
+    init_distributed,
+    shard_model,
+    sync_expert_load,
+)
 from nemotron3.train.losses import mtp_labels, mtp_losses, token_cross_entropy
 from nemotron3.train.prepare import PreparedData, prepare_data, train_dataset, validation_batches
 from nemotron3.train.schedule import WSDSchedule
@@ -100,13 +108,16 @@ def apply_fake_quant(model: NemotronHForCausalLM, seed: int) -> list[str]:
     return swapped
 
 
-def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices (≥ 2-D) only; norms, biases, A_log, D, dt_bias: none."""
+def make_optimizer(model: nn.Module, cfg: PretrainConfig, foreach: bool = True) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices (≥ 2-D) only; norms, biases, A_log, D, dt_bias: none.
+
+    foreach=False for sharded models: the multi-tensor kernels refuse a mix of FSDP DTensors and the plain
+    tensors of rank-owned experts (the per-parameter loop gives the same numbers)."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and not keeps_fp32(n)]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or keeps_fp32(n))]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=foreach)
 
 
 def make_schedule(cfg: PretrainConfig) -> WSDSchedule:
@@ -120,23 +131,35 @@ def make_schedule(cfg: PretrainConfig) -> WSDSchedule:
 
 @dataclass
 class SpikeDetector:
-    """Flags a loss far above the recent ones: loss > median + threshold · max(1.4826·MAD, 0.02·median).
-
-    The MAD (median absolute deviation) scaled by 1.4826 estimates σ robustly, so earlier spikes or a
-    falling loss do not inflate it; the 2 %-of-median floor stops a flat history from flagging noise.
-    """
+    """Flags losses far above the recent ones: loss > median + threshold·σ and loss > (1 + min_rise)·median,
+    with σ = 1.4826·MAD (median absolute deviation: a robust σ that earlier outliers or a falling loss do
+    not inflate). A non-finite loss is always a spike. `patience` high losses in a row make a spike; a
+    lone high loss is an unusual batch (packed mixtures of prose and synthetic tasks vary by 2× between
+    batches), whose update is skipped instead."""
 
     config: SpikeSection
     history: list[float] = field(default_factory=list)
+    streak: int = 0  # consecutive high losses so far
 
-    def is_spike(self, loss: float) -> bool:
+    def is_high(self, loss: float) -> bool:
         if not math.isfinite(loss):
             return True
         if not self.config.enabled or len(self.history) < max(3, self.config.window // 2):
             return False
         med = statistics.median(self.history)
         mad = statistics.median(abs(x - med) for x in self.history)
-        return loss > med + self.config.threshold * max(1.4826 * mad, 0.02 * abs(med))
+        return loss > med + self.config.threshold * 1.4826 * mad and loss > (1 + self.config.min_rise) * med
+
+    def check(self, loss: float) -> str:
+        """'ok', 'skip' (a lone high loss: drop this batch) or 'spike' (roll back)."""
+        if not self.is_high(loss):
+            self.streak = 0
+            return "ok"
+        self.streak += 1
+        if not math.isfinite(loss) or self.streak >= self.config.patience:
+            self.streak = 0
+            return "spike"
+        return "skip"
 
     def accept(self, loss: float) -> None:
         self.history = (self.history + [loss])[-self.config.window :]
@@ -172,19 +195,28 @@ class Pretrainer:
             raise FileExistsError(
                 f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose another run.out_dir"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-        torch.manual_seed(config.run.seed)
-        self.data: PreparedData = prepare_data(config.data, self.out)
+        self.dist = init_distributed()  # torchrun → FSDP2 + expert parallel; otherwise one process
+        self.world = self.dist.world_size
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+            self.data: PreparedData = prepare_data(config.data, self.out)  # rank 0 writes the cached files first
+        self._barrier()
+        if not self.dist.is_main:
+            self.data = prepare_data(config.data, self.out)
+        torch.manual_seed(config.run.seed + self.dist.rank)
         self.model_config = build_model_config(config, self.data.tokenizer.vocab_size)
-        self.model = build_model(self.model_config, config.model.init_seed)
+        self.model = build_model(self.model_config, config.model.init_seed)  # identical on every rank
         self.fake_quant = (
             apply_fake_quant(self.model, config.run.seed) if config.precision.fake_quant == "nvfp4" else []
         )
-        self.optimizer = make_optimizer(self.model, config)
+        if self.dist.distributed:
+            reduce = DTYPES[config.precision.grad_reduce_dtype]
+            shard_model(self.model, self.dist, expert_parallel=True, reduce_dtype=reduce)
+        self.optimizer = make_optimizer(self.model, config, foreach=not self.dist.distributed)
         self.schedule = make_schedule(config)
         self.routers = routers(self.model)
-        self.dataset = train_dataset(self.data, config.data)
+        self.dataset = train_dataset(self.data, config.data, self.dist.rank, self.world)
         self.valid = validation_batches(self.data, config.data, config.micro_batch)
         self.spikes = SpikeDetector(config.spike)
         self.step = 0  # the next optimizer step to run
@@ -203,16 +235,28 @@ class Pretrainer:
         return {
             "version": STATE_VERSION, "step": self.step, "consumed": self.consumed, "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks, "injected": self.injected, "tokens_seen": self.tokens_seen,
-            "spike_history": self.spikes.history, "recipe": self.cfg.to_dict(),
+            "spike_history": self.spikes.history, "spike_streak": self.spikes.streak, "recipe": self.cfg.to_dict(),
         }  # fmt: skip
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            torch.distributed.barrier()
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """Sum `values` over ranks (identity in one process)."""
+        if not self.dist.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
     def save(self) -> Path:
         return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self._loop_state(),
-                                        self.cfg.run.keep_checkpoints)  # fmt: skip
+                                        self.cfg.run.keep_checkpoints, self.dist.rank, self.world)  # fmt: skip
 
     def _restore(self, path: Path, rewind_data: bool) -> None:
         """Load checkpoint `path`. A resume also rewinds the data stream; a spike rollback does not."""
-        state = load_training_checkpoint(path, self.model, self.optimizer)
+        state = load_training_checkpoint(path, self.model, self.optimizer, self.dist.rank, self.world)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"checkpoint {path} has state version {state.get('version')}, expected {STATE_VERSION}")
         ours = json.loads(json.dumps(self.cfg.to_dict()))  # as JSON stores it (tuples become lists)
@@ -220,7 +264,7 @@ class Pretrainer:
             changed = sorted(k for k in ours if state["recipe"].get(k) != ours[k])
             raise ValueError(f"cannot resume {path}: the recipe differs from the checkpoint's in section(s) {changed}")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.spikes.history = list(state["spike_history"])
+        self.spikes.history, self.spikes.streak = list(state["spike_history"]), state["spike_streak"]
         if rewind_data:
             self.consumed, self.lr_scale = state["consumed"], state["lr_scale"]
             self.rollbacks, self.injected = state["rollbacks"], state["injected"]
@@ -244,12 +288,13 @@ class Pretrainer:
         cfg, model = self.cfg, self.model
         model.train()
         depths = cfg.mtp.depths if model.mtp is not None else 0
-        n_lm = max(1, int((batch.labels != IGNORE_INDEX).sum()))
-        n_mtp = [
-            max(1, int((mtp_labels(batch.labels, batch.doc_ids, d) != IGNORE_INDEX).sum()))
-            for d in range(1, depths + 1)
+        counts = [int((batch.labels != IGNORE_INDEX).sum())]
+        counts += [
+            int((mtp_labels(batch.labels, batch.doc_ids, d) != IGNORE_INDEX).sum()) for d in range(1, depths + 1)
         ]
-        reduce_dtype = DTYPES[cfg.precision.grad_reduce_dtype]
+        n_lm, *n_mtp = (max(1, int(c)) for c in self._all_sum(counts))  # global label counts
+        # FSDP averages gradients over ranks, so each rank's loss is W × its share of the global loss.
+        reduce_dtype = DTYPES[cfg.precision.grad_reduce_dtype] if not self.dist.distributed else torch.float32
         accum: dict[nn.Parameter, torch.Tensor] = {}
         loads = [torch.zeros(r.weight.shape[0]) for r in self.routers]
         sums = {"lm": 0.0, "mtp": 0.0, "aux": 0.0}
@@ -258,23 +303,20 @@ class Pretrainer:
             mb = PackedBatch(*(f[start : start + micro] for f in batch))
             valid = mb.doc_ids >= 0
             with self._autocast():
-                out = model(mb.input_ids, doc_ids=mb.doc_ids)
+                out = model(mb.input_ids, doc_ids=mb.doc_ids, mtp_depths=depths)
                 lm_sum, _ = token_cross_entropy(out.logits, mb.labels)
                 loss = lm_sum / n_lm
                 sums["lm"] += float(lm_sum.detach()) / n_lm
                 if depths:
-                    segments = segments_of(mb.doc_ids)
-                    for d, (s, _) in enumerate(
-                        mtp_losses(model, out.hidden_states, mb.input_ids, mb.labels, mb.doc_ids, depths, segments)
-                    ):
+                    for d, (s, _) in enumerate(mtp_losses(out.mtp_logits, mb.labels, mb.doc_ids)):
                         loss = loss + cfg.mtp.loss_weight / depths * s / n_mtp[d]
                         sums["mtp"] += float(s.detach()) / n_mtp[d] / depths
                 if cfg.moe.seq_aux_loss_coef > 0 and self.routers:
                     aux = sum(sequence_aux_loss(r, tuple(mb.input_ids.shape), valid) for r in self._routed())
-                    share = mb.input_ids.shape[0] / total_b
+                    share = mb.input_ids.shape[0] / (total_b * self.world)  # of the global batch's sequences
                     loss = loss + cfg.moe.seq_aux_loss_coef * share * aux
                     sums["aux"] += float(aux.detach()) * share
-            loss.backward()
+            (loss * self.world if self.world > 1 else loss).backward()
             for i, r in enumerate(self.routers):
                 if getattr(r, "last_indices", None) is not None:
                     loads[i] += expert_load(r, valid)
@@ -286,16 +328,23 @@ class Pretrainer:
                         p.grad = None
         for p, g in accum.items():
             p.grad = g.float()
-        params = [p for p in model.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if self.dist.distributed:  # global norm over FSDP shards and rank-owned experts
+            grad_norm = float(distributed_clip_grad_norm_(model, clip))
+            loads = list(sync_expert_load(torch.stack(loads)).unbind(0)) if loads else loads
+        else:
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        sums["lm"], sums["mtp"], sums["aux"], n_tokens = self._all_sum(
+            [sums["lm"], sums["mtp"], sums["aux"], float((batch.doc_ids >= 0).sum())]
+        )
         self._loads = loads
         imbalance = [float(ld.max() / ld.mean()) for ld in loads if ld.sum() > 0]
         total = sums["lm"] + cfg.mtp.loss_weight * sums["mtp"] + cfg.moe.seq_aux_loss_coef * sums["aux"]
         return StepResult(
             loss=total, lm_loss=sums["lm"], mtp_loss=sums["mtp"] if depths else None,
             aux_loss=sums["aux"] if cfg.moe.seq_aux_loss_coef > 0 and self.routers else None,
-            grad_norm=grad_norm, tokens=int((batch.doc_ids >= 0).sum()),
+            grad_norm=grad_norm, tokens=int(n_tokens),
             load_imbalance=sum(imbalance) / len(imbalance) if imbalance else None,
         )  # fmt: skip
 
@@ -346,8 +395,13 @@ class Pretrainer:
                     self._inject_spike()
                 t0 = time.perf_counter()
                 result = self.train_step(batch)
-                if self.spikes.is_spike(result.loss):
-                    self._rollback(result)
+                verdict = self.spikes.check(result.loss)
+                if verdict != "ok":
+                    if verdict == "spike":
+                        self._rollback(result)
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._log({"event": "skipped_batch", "at_step": self.step, "loss": result.loss})
                     progress.update(task, completed=self.step)
                     continue
                 lr = self._apply_update()
@@ -371,23 +425,24 @@ class Pretrainer:
                    "valid_loss": valid_loss, "rollbacks": self.rollbacks, "tokens": self.tokens_seen,
                    "seconds": time.perf_counter() - started, "fake_quant_layers": len(self.fake_quant)}  # fmt: skip
         if self.step >= cfg.run.steps:
-            self.plot()
             summary["model_dir"] = str(self.export())
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            if self.dist.is_main:
+                self.plot()
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
     def _progress(self) -> Progress:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
-        return Progress(*columns, console=self.console, disable=not self.show_progress)
+        return Progress(*columns, console=self.console, disable=not self.show_progress or not self.dist.is_main)
 
     def _inject_spike(self) -> None:
-        """Testing aid: scale every matrix by 10 so the next loss is a genuine spike."""
+        """Testing aid: scale every matrix by 30 so the next losses are a genuine spike."""
         self.injected = True
         with torch.no_grad():
             for p in self.model.parameters():
                 if p.dim() >= 2:
-                    p.mul_(10.0)
+                    p.mul_(30.0)
 
     def _rollback(self, result: StepResult) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -408,11 +463,14 @@ class Pretrainer:
         event["resumed_step"] = self.step
         self.trace = [r for r in self.trace if r["step"] < self.step]
         self._log(event)
-        self.console.print(f"[yellow]loss spike {result.loss:.4g} at step {event['at_step']}: rolled back to "
-                           f"{target.name}, lr scale {self.lr_scale:g}[/yellow]")  # fmt: skip
+        if self.dist.is_main:
+            self.console.print(f"[yellow]loss spike {result.loss:.4g} at step {event['at_step']}: rolled back to "
+                               f"{target.name}, lr scale {self.lr_scale:g}[/yellow]")  # fmt: skip
 
     # ---- outputs --------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -460,10 +518,14 @@ class Pretrainer:
     def export(self) -> Path:
         """Write the trained model (nemotron_h format) with its tokenizer into run.export_dir."""
         target = Path(self.cfg.run.export_dir) if self.cfg.run.export_dir else self.out / "model"
-        model = self.model  # FakeQuantLinear keeps nn.Linear's weight/bias names: the state is a plain model's
+        # FakeQuantLinear keeps nn.Linear's weight/bias names, so the state is a plain model's. Sharded
+        # (FSDP / expert-parallel) weights are gathered into full tensors first: a collective.
+        full = gather_full_state_dict(self.model) if self.dist.distributed else self.model.state_dict()
+        if not self.dist.is_main:
+            return target
         dtype = DTYPES[self.cfg.run.export_dtype]
         state = {n: (t.detach().to(torch.float32 if keeps_fp32(n) else dtype) if t.is_floating_point() else t)
-                 for n, t in model.state_dict().items()}  # fmt: skip
+                 for n, t in full.items()}  # fmt: skip
         save_checkpoint(
             state,
             self.model_config.replace(extra={**self.model_config.extra, "torch_dtype": self.cfg.run.export_dtype}),
@@ -475,5 +537,13 @@ class Pretrainer:
 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe to the end (resuming from its last checkpoint if asked); returns the summary."""
-    return Pretrainer(config, resume=resume, progress=progress).run()
+    """Run a recipe to the end (resuming from its last checkpoint if asked); returns the summary.
+
+    Under torchrun every rank calls this; the process group is left once the trainer is gone."""
+    trainer = Pretrainer(config, resume=resume, progress=progress)
+    summary = trainer.run()
+    distributed = trainer.dist.distributed
+    del trainer
+    if distributed:
+        destroy_distributed()
+    return summary

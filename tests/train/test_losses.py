@@ -36,11 +36,9 @@ def test_mtp_loss_uses_the_next_token_embedding() -> None:
     labels = torch.roll(ids, -1, 1)
 
     def mtp_logits(tokens: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        hook = model.lm_head.register_forward_hook(lambda m, i, o: captured.append(o))
-        mtp_losses(model, model(tokens).hidden_states, tokens, labels, doc, depths=1)
-        hook.remove()
-        return captured[-1]  # the MTP block's logits (the first call was the main head)
+        out = model(tokens, doc_ids=doc, mtp_depths=1)
+        assert len(out.mtp_logits) == 1 and mtp_losses(out.mtp_logits, labels, doc)[0][1] == 11
+        return out.mtp_logits[0]
 
     first = mtp_logits(ids)
     second = mtp_logits(ids.clone().index_fill_(1, torch.tensor([6]), 7))

@@ -74,13 +74,15 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(corpus, tmp_path) -> No
 
 def test_injected_spike_rolls_back_and_lowers_the_lr(corpus, tmp_path) -> None:
     cfg = _config(corpus, tmp_path / "spike", run={"steps": 9, "checkpoint_every": 3},
-                  spike={"window": 4, "inject_at": 5, "lr_factor": 0.5})  # fmt: skip
+                  spike={"window": 4, "inject_at": 5, "lr_factor": 0.5, "patience": 2, "min_rise": 0.2})  # fmt: skip
     trainer = Pretrainer(cfg, progress=False)
     summary = trainer.run()
     assert summary["rollbacks"] == 1 and trainer.lr_scale == 0.5
     events = [json.loads(x) for x in (tmp_path / "spike" / "metrics.jsonl").read_text().splitlines()]
     rollback = [e for e in events if e.get("event") == "rollback"]
-    assert rollback and rollback[0]["at_step"] == 5 and rollback[0]["resumed_step"] == 3
+    skipped = [e for e in events if e.get("event") == "skipped_batch"]
+    assert [e["at_step"] for e in skipped] == [5]  # the first high loss only skips its batch …
+    assert rollback and rollback[0]["at_step"] == 5 and rollback[0]["resumed_step"] == 3  # … the second rolls back
     assert [r["step"] for r in trainer.trace] == list(range(9))
     before = [r["loss"] for r in trainer.trace if r["step"] < 5]
     assert max(r["loss"] for r in trainer.trace) < rollback[0]["loss"]  # the spiked step never landed
@@ -91,11 +93,15 @@ def test_injected_spike_rolls_back_and_lowers_the_lr(corpus, tmp_path) -> None:
 def test_spike_detector_rule() -> None:
     from nemotron3.train.config import SpikeSection
 
-    det = SpikeDetector(SpikeSection(window=6, threshold=3.0))
-    assert not det.is_spike(100.0)  # too little history to judge
+    det = SpikeDetector(SpikeSection(window=6, threshold=3.0, min_rise=0.1, patience=2))
+    assert det.check(100.0) == "ok"  # too little history to judge
     for x in (5.0, 4.9, 4.8, 4.85, 4.7, 4.75):
         det.accept(x)
-    assert not det.is_spike(5.0) and det.is_spike(6.0) and det.is_spike(float("nan"))
+    assert det.check(5.0) == "ok"
+    assert det.check(5.3) == "ok"  # above median + 3σ but within min_rise of the median: a noisy batch
+    assert det.check(6.0) == "skip" and det.check(6.0) == "spike"  # patience 2: the second in a row
+    assert det.check(6.0) == "skip" and det.check(5.0) == "ok" and det.check(6.0) == "skip"  # streak resets
+    assert det.check(float("nan")) == "spike"  # non-finite: at once
 
 
 def test_bf16_gradient_reduction_differs_from_fp32_but_stays_close(corpus, tmp_path) -> None:
