@@ -7,7 +7,7 @@ tokenizer, same number of tokens), repeated over seeds (model init and data orde
   (a) hybrid (Mamba-2 + attention + MoE) vs attention-only, same width and depth;
   (b) LatentMoE vs plain MoE with the expert width chosen for equal active parameters per token;
   (c) fp32 vs bf16 gradient reduction (4 micro-batches summed in the reduction dtype);
-  (d) bf16-free baseline vs NVFP4 fake-quant training (W/x/dy NVFP4, 16x16 tiles, RHT, SR).
+  (d) no fake quantization (fp32) vs NVFP4 fake-quant training (W/x/dy NVFP4, 16x16 tiles, RHT, SR).
 Training FLOPs per token are 6·N_active (matmul weights, excl. embedding lookup) + 6·n_attn·T·d_attn
 (causal attention scores and values, forward and backward). Each variant's validation-loss curve is read
 at the smaller of the two total budgets (linear interpolation between evaluations), so "equal FLOPs" holds
@@ -53,10 +53,10 @@ VARIANTS = {
     "b_latent_moe": {}, "b_plain_moe": {"model": {"moe_latent_size": None, "moe_intermediate_size": plain_moe_width(BASE)}},
     "c_fp32_reduce": {"data": {"micro_batch_size": 2}},
     "c_bf16_reduce": {"data": {"micro_batch_size": 2}, "precision": {"grad_reduce_dtype": "bfloat16"}},
-    "d_bf16_baseline": {}, "d_nvfp4_fake_quant": {"precision": {"fake_quant": "nvfp4"}},
+    "d_no_fake_quant": {}, "d_nvfp4_fake_quant": {"precision": {"fake_quant": "nvfp4"}},
 }  # fmt: skip
 PAIRS = [("a_hybrid", "a_attention_only"), ("b_latent_moe", "b_plain_moe"), ("c_fp32_reduce", "c_bf16_reduce"),
-         ("d_bf16_baseline", "d_nvfp4_fake_quant")]  # fmt: skip
+         ("d_no_fake_quant", "d_nvfp4_fake_quant")]  # fmt: skip
 
 
 def flops_per_token(trainer: Pretrainer, seq_len: int) -> float:

@@ -495,6 +495,75 @@ def cmd_train_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- serve / chat
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="default",
+                   help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def _llm_options(args: argparse.Namespace) -> dict:
+    opts = {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs}
+    if args.max_model_len is not None:
+        opts["max_model_len"] = args.max_model_len
+    return opts
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, reasoning, tools)")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", action="append", default=None, help="name(s) clients use (default: MODEL)")
+    p.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $NEMOTRON3_API_KEY)")  # fmt: skip
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="allow cross-origin requests from ORIGIN ('*' for any); repeatable")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nemotron3.serve.api import serve
+
+    try:
+        serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+              api_key=args.api_key, cors_origins=args.cors, log_level=args.log_level, **_llm_options(args))  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nemotron3 serve: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def add_chat(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="interactive terminal chat (thinking shown dimmed)")
+    _add_model_options(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--no-thinking", action="store_true", help="start with thinking off (/think on to change)")
+    p.add_argument("--budget", type=int, default=None, help="reasoning-token budget (/budget N to change)")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from nemotron3.serve.chat import run_chat
+
+    try:
+        return run_chat(args.model, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, thinking=not args.no_thinking, budget=args.budget,
+                        **_llm_options(args))  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nemotron3 chat: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotron3", description="Nemotron 3 (nemotron_h) in PyTorch.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -504,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(subparsers)
     add_dequantize(subparsers)
     add_train(subparsers)
+    add_serve(subparsers)
+    add_chat(subparsers)
     return parser
 
 

@@ -33,6 +33,7 @@ class SamplingTensors:
     any_min_p: bool
     any_penalty: bool
     max_logprobs: int  # largest `logprobs` asked for in the batch, -1 if none
+    processors: list[list] | None = None  # [B] each row's SamplingParams.logits_processors; None if no row has any
 
     @classmethod
     def build(
@@ -42,6 +43,7 @@ class SamplingTensors:
             return torch.tensor(values, dtype=dtype, device=device)
 
         top_k = [max(p.top_k, 0) for p in params]
+        any_processors = any(p.logits_processors for p in params)
         return cls(
             temperature=col([p.temperature for p in params], torch.float32),
             top_k=col(top_k, torch.int64),
@@ -59,6 +61,7 @@ class SamplingTensors:
                 p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
             ),
             max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            processors=[list(p.logits_processors) for p in params] if any_processors else None,
         )
 
 
@@ -142,7 +145,9 @@ def sample(
     prompt_mask: torch.Tensor | None = None,
 ) -> SampleResult:
     """Choose the next token of every row of logits [B, V] (float32)."""
-    raw = logits
+    raw = logits  # logprobs stay those of the model, before any processor or penalty
+    if t.processors is not None:
+        logits = _apply_processors(logits, t.processors)
     if t.any_penalty:
         if output_counts is None:
             raise ValueError("penalties requested but no output_counts given to the sampler")
@@ -155,9 +160,30 @@ def sample(
         greedy = t.temperature == 0
         if bool(greedy.any()):
             tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    if t.processors is not None:
+        _accept(t.processors, tokens)
     if t.max_logprobs < 0:
         return SampleResult(tokens, None, None, None)
     logp = raw.log_softmax(-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1)
     top = logp.topk(t.max_logprobs, dim=-1) if t.max_logprobs > 0 else None
     return SampleResult(tokens, chosen, top.values if top else None, top.indices if top else None)
+
+
+# ---------------------------------------------------------------- logits-processor hook (SamplingParams.logits_processors)
+def _apply_processors(logits: torch.Tensor, processors: list[list]) -> torch.Tensor:
+    """Each row's processors, in order, on a copy of logits [B, V] (constraints such as response_format)."""
+    logits = logits.clone()
+    for row, procs in enumerate(processors):
+        for proc in procs:
+            logits[row] = proc(logits[row])
+    return logits
+
+
+def _accept(processors: list[list], tokens: torch.Tensor) -> None:
+    """Tell stateful processors (those with an `accept` method) which token their row chose."""
+    for row, procs in enumerate(processors):
+        for proc in procs:
+            accept = getattr(proc, "accept", None)
+            if accept is not None:
+                accept(int(tokens[row]))

@@ -13,6 +13,11 @@ class SamplingParams:
     repetition_penalty (> 1 discourages) applies to prompt and generated tokens, presence/frequency
     penalties (OpenAI style, in [-2, 2]) to generated tokens only. `seed` makes sampling reproducible per
     request. `logprobs=k` returns the chosen token's logprob and the top-k alternatives at each step.
+
+    logits_processors (hook for constrained decoding, e.g. the server's response_format): callables
+    `proc(logits: Tensor[V]) -> Tensor[V]` applied, in order, to this sample's raw logits before penalties
+    and sampling; a processor with an `accept(token_id)` method is told the token that was chosen. They keep
+    per-sequence state, so they need n == 1. The speculative (MTP) engine does not apply them.
     """
 
     n: int = 1
@@ -33,12 +38,14 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
+    logits_processors: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logits_processors = list(self.logits_processors or [])
         self.validate()
 
     @property
@@ -66,6 +73,8 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be None or an integer", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
+        _check(all(callable(f) for f in self.logits_processors), "logits_processors", "must be callables", self.logits_processors)
+        _check(not self.logits_processors or self.n == 1, "logits_processors", "keep per-sequence state: they need n == 1", self.n)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

@@ -1,0 +1,165 @@
+"""The embedded default model behind a real uvicorn server, driven with the official openai client.
+
+Outputs of the tiny model are not smart: the tests check shapes, counts, constraints and budgets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+HI = [{"role": "user", "content": "What is 2+3?"}]
+OFF = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def oc(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def wait_idle(client, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def assert_no_leaks(client) -> None:
+    wait_idle(client)
+    e = client.engine
+    assert not e.requests and not e.scheduler.running and not e.scheduler.waiting
+    assert len(e.cache.free_blocks) == e.cache.num_blocks
+    assert len(e.cache.free_slots) == e.config.max_num_seqs
+
+
+def test_chat_and_completion(real):
+    _, url = real
+    r = oc(url).chat.completions.create(model="default", messages=HI, max_tokens=6, temperature=0, extra_body=OFF)
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6 and r.usage.completion_tokens_details.reasoning_tokens == 0
+    c = oc(url).completions.create(model="default", prompt="Once upon a time", max_tokens=5, temperature=0.8,
+                                   n=2, seed=3, logprobs=2)  # fmt: skip
+    assert len(c.choices) == 2 and c.usage.completion_tokens == 10
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5 and all(len(t) <= 2 for t in lp.top_logprobs)
+    again = oc(url).completions.create(model="default", prompt="Once upon a time", max_tokens=5, temperature=0.8,
+                                       n=2, seed=3)  # fmt: skip
+    assert [x.text for x in again.choices] == [x.text for x in c.choices]  # seeded
+
+
+def test_streaming_with_budget(real):
+    client, url = real
+    budget = 4
+    stream = oc(url).chat.completions.create(model="default", messages=HI, max_tokens=12, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}, logprobs=True, top_logprobs=1,
+                                             extra_body={"thinking_budget": budget})  # fmt: skip
+    chunks = list(stream)
+    usage = chunks[-1].usage
+    close = len(client.tokenizer.encode("\n</think>\n"))
+    assert 0 < usage.completion_tokens_details.reasoning_tokens <= budget + close
+    assert usage.completion_tokens <= 12
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert reasoning and "</think>" not in reasoning
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    s = oc(url).completions.create(model="default", prompt="Hello", max_tokens=4, temperature=0, stream=True)
+    texts = [ch.choices[0].text for ch in s]
+    assert "".join(texts) == oc(url).completions.create(model="default", prompt="Hello", max_tokens=4,
+                                                         temperature=0).choices[0].text  # fmt: skip
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"},
+          "ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}}, "required": ["name", "age"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["json_schema", "json_object"])
+def test_structured_output_parses(real, fmt):
+    _, url = real
+    rf = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}} if fmt == "json_schema" else \
+        {"type": "json_object"}  # fmt: skip
+    r = oc(url).chat.completions.create(model="default", messages=[{"role": "user", "content": "A pet as JSON"}],
+                                        max_tokens=80, temperature=1.0, seed=1, response_format=rf,
+                                        extra_body={"thinking_budget": 3})  # fmt: skip
+    value = json.loads(r.choices[0].message.content)
+    assert isinstance(value, dict)
+    if fmt == "json_schema":
+        jsonschema.validate(value, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 4},  # longer than the context
+        {
+            "messages": HI,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(["}},
+            },
+        },
+        {
+            "messages": HI,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integr"}}}},
+            },
+        },
+    ],
+)
+def test_bad_requests_real(real, body):
+    _, url = real
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "default", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+    ok = oc(url).chat.completions.create(model="default", messages=HI, max_tokens=2, extra_body=OFF)
+    assert ok.usage.completion_tokens <= 2
+
+
+def test_cancel_on_disconnect(real):
+    client, url = real
+    body = {"model": "default", "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    assert_no_leaks(client)
+    assert "nemotron3_requests_aborted_total" in httpx.get(url + "/metrics").text
+
+
+def test_load_concurrent_streams_with_cancellations(real):
+    """200 concurrent streaming requests, ~1/4 cancelled mid-stream: the rest get exactly max_tokens tokens."""
+    client, url = real
+    rng = random.Random(0)
+    n_tokens = 3
+
+    async def one(http: httpx.AsyncClient, i: int, cancel: bool):
+        body = {"model": "default", "prompt": f"Request {i}:", "max_tokens": n_tokens, "ignore_eos": True,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        usage = None
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if cancel:
+                    return None
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+        return usage
+
+    async def main():
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            plan = [rng.random() < 0.25 for _ in range(200)]
+            results = await asyncio.gather(*(one(http, i, c) for i, c in enumerate(plan)))
+        return plan, results
+
+    plan, results = asyncio.run(asyncio.wait_for(main(), 120))
+    for cancelled, usage in zip(plan, results):
+        if not cancelled:
+            assert usage["completion_tokens"] == n_tokens
+    assert_no_leaks(client)
