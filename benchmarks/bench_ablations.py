@@ -113,6 +113,10 @@ def summarize(runs: list[dict]) -> list[dict]:
             row[v] = {"mean": statistics.mean(losses), "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                       "seeds": losses}  # fmt: skip
         row["difference"] = row[b]["mean"] - row[a]["mean"]
+        # the same seed means the same data order and initial weights: paired differences cancel that noise
+        paired = [y - x for x, y in zip(row[a]["seeds"], row[b]["seeds"])]
+        row["paired_difference"] = {"mean": statistics.mean(paired), "seeds": paired,
+                                    "stdev": statistics.stdev(paired) if len(paired) > 1 else 0.0}  # fmt: skip
         out.append(row)
     return out
 
@@ -135,7 +139,8 @@ def plot(summary: list[dict], path: Path) -> None:
         lo = min(min(row[n]["seeds"]) for n in names)
         hi = max(max(row[n]["seeds"]) for n in names)
         ax.set_ylim(lo - 0.1 * (hi - lo + 0.05), hi + 0.2 * (hi - lo + 0.05))
-        ax.set_title(f"{row['flops_budget']:.2e} FLOPs", fontsize=9)
+        d = row["paired_difference"]
+        ax.set_title(f"{row['flops_budget']:.2e} FLOPs\npaired Δ {d['mean']:+.3f} ± {d['stdev']:.3f}", fontsize=9)
     axes[0].set_ylabel("validation loss at equal FLOPs")
     fig.suptitle("pretraining ablations (mean ± stdev over seeds; dots: seeds)", fontsize=10)
     fig.tight_layout()
@@ -176,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
         plot(summary, out.with_suffix(".png"))
         for row in summary:
             a, b = row["pair"]
-            print(f"{a} {row[a]['mean']:.4f}±{row[a]['stdev']:.4f}  vs  {b} {row[b]['mean']:.4f}±{row[b]['stdev']:.4f}")
+            d = row["paired_difference"]
+            print(f"{a} {row[a]['mean']:.4f}±{row[a]['stdev']:.4f}  vs  {b} {row[b]['mean']:.4f}±{row[b]['stdev']:.4f}"
+                  f"  (paired {b} − {a}: {d['mean']:+.4f} ± {d['stdev']:.4f})")  # fmt: skip
     return result
 
 
