@@ -69,7 +69,12 @@ class SeqCache:
 class HybridCache:
     """Preallocated pools for every attention and Mamba layer of one model."""
 
-    def __init__(self, config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(
+        self, config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+        mtp_attention_layers: int = 0,
+    ):  # fmt: skip
+        """mtp_attention_layers: extra K/V planes for the MTP block's attention layers (speculative decoding);
+        they share each sequence's block table, MTP position i living where main position i does."""
         self.config = config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
@@ -77,13 +82,15 @@ class HybridCache:
         self.attn_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == ATTENTION)}
         self.mamba_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == MAMBA)}
         n_attn, n_mamba = len(self.attn_index), len(self.mamba_index)
+        self.mtp_planes = [n_attn + j for j in range(mtp_attention_layers)]
+        n_planes = n_attn + mtp_attention_layers
         ssm_dtype = SSM_DTYPES[config.mamba_ssm_cache_dtype]
         elt = torch.tensor([], dtype=dtype).element_size()
         slot_bytes = n_mamba * (
             config.mamba_conv_dim * (config.conv_kernel - 1) * elt
             + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
         )
-        block_bytes = n_attn * 2 * config.num_key_value_heads * self.block_size * config.head_dim * elt
+        block_bytes = n_planes * 2 * config.num_key_value_heads * self.block_size * config.head_dim * elt
         slots = cache_config.max_num_seqs
         left = cache_config.memory_bytes - slots * slot_bytes
         if left < 0:
@@ -92,14 +99,14 @@ class HybridCache:
                 f"({slot_bytes / 2**20:.2f} MiB each): raise the memory budget or lower max_num_seqs"
             )
         num_blocks = left // block_bytes if block_bytes else 0
-        if n_attn and num_blocks < 1:
+        if n_planes and num_blocks < 1:
             raise ValueError(f"cache memory leaves no room for a single K/V block ({block_bytes} bytes)")
         self.num_blocks = int(num_blocks)
         self.slot_bytes, self.block_bytes = slot_bytes, block_bytes
         tokens = self.num_blocks * self.block_size
         nkv, d = config.num_key_value_heads, config.head_dim
-        self.k = torch.zeros(n_attn, nkv, tokens, d, dtype=dtype, device=device)
-        self.v = torch.zeros(n_attn, nkv, tokens, d, dtype=dtype, device=device)
+        self.k = torch.zeros(n_planes, nkv, tokens, d, dtype=dtype, device=device)
+        self.v = torch.zeros(n_planes, nkv, tokens, d, dtype=dtype, device=device)
         self.conv = torch.zeros(n_mamba, slots, config.mamba_conv_dim, config.conv_kernel - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(
             n_mamba, slots, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
@@ -107,7 +114,7 @@ class HybridCache:
         )  # fmt: skip
         self.free_blocks = FreeList(self.num_blocks)
         self.free_slots = FreeList(slots)
-        self.has_attention = n_attn > 0
+        self.has_attention = n_planes > 0
 
     # ------------------------------------------------------------------ accounting
     def blocks_needed(self, seq: SeqCache | None, new_tokens: int) -> int:
@@ -148,7 +155,10 @@ class HybridCache:
 
     def kv_view(self, layer: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first `length` tokens of a sequence: [nkv, length, d] (a view when blocks are consecutive)."""
-        j = self.attn_index[layer]
+        return self.plane_view(self.attn_index[layer], seq, length)
+
+    def plane_view(self, j: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_view by K/V plane index (main attention layers first, then the MTP planes)."""
         n_blocks = -(-length // self.block_size)
         first = seq.blocks[0]
         if seq.blocks[:n_blocks] == list(range(first, first + n_blocks)):

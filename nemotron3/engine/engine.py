@@ -47,14 +47,21 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: NemotronHForCausalLM, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: NemotronHForCausalLM,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        mtp_attention_layers: int = 0,  # K/V planes for the MTP drafter (engine/speculative.py)
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         mc = model.config
         self.cache = HybridCache(
-            mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype, model.device
-        )
+            mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype,
+            model.device, mtp_attention_layers,
+        )  # fmt: skip
         capacity = self.cache.num_blocks * self.cache.block_size if self.cache.has_attention else 1 << 62
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if capacity < self.max_model_len:

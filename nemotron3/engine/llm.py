@@ -25,6 +25,8 @@ class LLM:
     model: a checkpoint directory, a preset name, or an already built NemotronHForCausalLM.
     Engine options (vLLM's names): max_model_len, max_num_seqs, max_num_batched_tokens,
     enable_chunked_prefill, block_size, kv_cache_memory_bytes.
+    speculative_config: {"method": "mtp" (or "nemotron_h_mtp"), "num_speculative_tokens": k} drafts k
+    tokens per step with the model's MTP block and verifies them losslessly (docs/speculative.md).
     """
 
     def __init__(
@@ -39,8 +41,11 @@ class LLM:
         seed: int = 0,
         **engine_options,
     ) -> None:
-        if speculative_config is not None:
-            raise ValueError("speculative_config: MTP speculative decoding is not available in this version yet")
+        spec = None
+        if speculative_config is not None:  # checked before the model loads: a bad config fails fast
+            from nemotron3.engine.speculative import SpeculativeConfig
+
+            spec = SpeculativeConfig.from_dict(speculative_config)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -62,7 +67,12 @@ class LLM:
             tokenizer = model
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_dir(tokenizer)
-        self.engine = LLMEngine(self.model, tokenizer, EngineConfig(**engine_options))
+        if spec is None:
+            self.engine = LLMEngine(self.model, tokenizer, EngineConfig(**engine_options))
+        else:
+            from nemotron3.engine.speculative import SpeculativeEngine
+
+            self.engine = SpeculativeEngine(self.model, tokenizer, EngineConfig(**engine_options), spec)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer | None:

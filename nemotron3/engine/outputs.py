@@ -28,12 +28,44 @@ class CompletionOutput:
 
 
 @dataclass
+class SpecDecodeMetrics:
+    """Speculative decoding counters of one request (all its samples): see docs/speculative.md.
+
+    A verify step feeds [last token, d1..dn] and emits the accepted drafts plus one bonus/correction token.
+    draft_time / verify_time: wall time of the batched MTP / target forwards the request took part in.
+    """
+
+    num_steps: int = 0  # verify steps that carried at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0  # accepted drafts (bonus tokens not counted)
+    num_emitted_tokens: int = 0  # tokens those steps produced (accepted + bonus)
+    drafted_per_position: list[int] = field(default_factory=list)  # [j]: steps with a draft at position j+1
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: of those, steps that accepted it
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verify step (1 = no draft ever accepted, k+1 = all accepted)."""
+        return self.num_emitted_tokens / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    spec_decode: SpecDecodeMetrics | None = None  # set when the engine decodes speculatively
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list = field(default_factory=list)
     num_preemptions: int = 0
+    num_spec: int = 0  # draft tokens to verify with the next decode (speculative decoding; 0 = plain decode)
 
     @property
     def all_ids(self) -> list[int]:
@@ -119,6 +120,7 @@ class Scheduler:
         seq.cache = None
         seq.status = Status.WAITING
         seq.num_preemptions += 1
+        seq.num_spec = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
@@ -138,7 +140,11 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
-            want = 1 if seq.is_decode else min(seq.num_pending, budget)
+            if seq.is_decode:  # a decode feeds its last token plus any drafts, within the budget
+                seq.num_spec = max(0, min(seq.num_spec, budget - 1, self._room(seq) - 1))  # drafts never preempt
+                want = 1 + seq.num_spec
+            else:
+                want = min(seq.num_pending, budget)
             if not self.config.enable_chunked_prefill and not seq.is_decode:
                 want = seq.num_pending
             while self._room(seq) < want:  # pool dry: preempt the newest running sequence
