@@ -445,7 +445,7 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="training stages: pretrain")
+    p = subparsers.add_parser("train", help="training stages: pretrain, sft")
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     pre = stages.add_parser("pretrain", help="pretrain a Nemotron-3-architecture model from a YAML/TOML recipe")
     pre.add_argument("--config", required=True, help="recipe file (.yaml/.yml/.toml), e.g. recipes/default.yaml")
@@ -454,6 +454,13 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
                      help="override a recipe value (YAML syntax), e.g. --set run.steps=50; repeatable")  # fmt: skip
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     pre.set_defaults(func=cmd_train_pretrain)
+    sft = stages.add_parser("sft", help="supervised fine-tuning on chat-formatted task conversations (recipes/sft.yaml)")
+    sft.add_argument("--config", required=True, help="SFT recipe file (.yaml/.yml/.toml), e.g. recipes/sft.yaml")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a recipe value (YAML syntax), e.g. --set model.init_from=runs/x/model")  # fmt: skip
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    sft.set_defaults(func=cmd_train_sft)
 
 
 def apply_overrides(raw: dict, assignments: list[str]) -> dict:
@@ -491,6 +498,28 @@ def cmd_train_pretrain(args: argparse.Namespace) -> int:
         print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(json.dumps(summary, indent=1))
+    return EXIT_OK
+
+
+def cmd_train_sft(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from nemotron3.train.sft import SFTConfig, sft
+
+    try:
+        config = SFTConfig.from_file(args.config)
+        if args.set:
+            config = SFTConfig.from_dict(apply_overrides(dataclasses.asdict(config), args.set))
+    except (OSError, ValueError) as e:
+        print(f"nemotron3 train sft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = sft(config, resume=args.resume, progress=not args.no_progress)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"nemotron3 train sft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=1))
     return EXIT_OK
 

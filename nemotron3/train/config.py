@@ -30,6 +30,9 @@ class ModelSection:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields; `pattern` = hybrid_override_pattern
     init_seed: int = 0
+    init_from: str | None = None  # start from this nemotron_h checkpoint (a directory or "default"): its
+    # architecture and weights (preset, overrides and init_seed are then unused) and, unless data.tokenizer
+    # is set, its tokenizer
 
 
 @dataclass
@@ -172,8 +175,9 @@ class PretrainConfig:
         checks = [
             (r.steps >= 1, "run.steps must be >= 1"),
             (d.seq_len >= 2, "data.seq_len must be >= 2"),
-            (d.corpus_dir is not None or (d.train_files or d.task_documents > 0) and d.valid_files,
-             "without data.corpus_dir, give data.train_files (or data.task_documents) and data.valid_files"),
+            self._data_check(),
+            (self.model.init_from is None or not self.model.overrides,
+             "model.overrides cannot be combined with model.init_from (the checkpoint fixes the architecture)"),
             (d.batch_size >= 1, "data.batch_size must be >= 1"),
             (d.micro_batch_size >= 0 and (d.micro_batch_size == 0 or d.batch_size % d.micro_batch_size == 0),
              "data.micro_batch_size must divide data.batch_size"),
@@ -193,6 +197,12 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid recipe: {message}")
+
+    def _data_check(self) -> tuple[bool, str]:
+        """(whether the recipe names training and held-out data, the error otherwise); stages override it."""
+        d = self.data
+        return (d.corpus_dir is not None or bool((d.train_files or d.task_documents > 0) and d.valid_files),
+                "without data.corpus_dir, give data.train_files (or data.task_documents) and data.valid_files")  # fmt: skip
 
     @property
     def micro_batch(self) -> int:

@@ -17,6 +17,7 @@ loss.png in the run directory; the final model is exported in the nemotron_h for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -33,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from nemotron3.config import ModelConfig, pattern_to_kinds, preset
+from nemotron3.default_model import resolve_model
 from nemotron3.io.checkpoint import save_checkpoint
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import MoE
@@ -200,13 +202,12 @@ class Pretrainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-            self.data: PreparedData = prepare_data(config.data, self.out)  # rank 0 writes the cached files first
+            self.data: PreparedData = self.load_data()  # rank 0 writes the cached files first
         self._barrier()
         if not self.dist.is_main:
-            self.data = prepare_data(config.data, self.out)
+            self.data = self.load_data()
         torch.manual_seed(config.run.seed + self.dist.rank)
-        self.model_config = build_model_config(config, self.data.tokenizer.vocab_size)
-        self.model = build_model(self.model_config, config.model.init_seed)  # identical on every rank
+        self.model_config, self.model = self.init_model()  # identical on every rank
         self.fake_quant = (
             apply_fake_quant(self.model, config.run.seed) if config.precision.fake_quant == "nvfp4" else []
         )
@@ -216,8 +217,8 @@ class Pretrainer:
         self.optimizer = make_optimizer(self.model, config, foreach=not self.dist.distributed)
         self.schedule = make_schedule(config)
         self.routers = routers(self.model)
-        self.dataset = train_dataset(self.data, config.data, self.dist.rank, self.world)
-        self.valid = validation_batches(self.data, config.data, config.micro_batch)
+        self.dataset = self.make_dataset()
+        self.valid = self.make_validation()
         self.spikes = SpikeDetector(config.spike)
         self.step = 0  # the next optimizer step to run
         self.consumed = 0  # training batches taken from the data stream (rollbacks do not rewind it)
@@ -229,6 +230,42 @@ class Pretrainer:
         if resume and list_checkpoints(self.ckpt_root):
             self._restore(list_checkpoints(self.ckpt_root)[-1], rewind_data=True)
         self._batches = self._data_iterator()
+
+    # ---- what a stage trains on (post-training stages such as nemotron3.train.sft override these) ----
+    stage = "pretrain"  # the progress bar's and loss plot's name for the run
+
+    def load_data(self) -> PreparedData:
+        """Corpus, task files and tokenizer (with model.init_from and no data.tokenizer: the checkpoint's)."""
+        data = self.cfg.data
+        if self.cfg.model.init_from is not None and data.tokenizer is None:
+            data = dataclasses.replace(data, tokenizer=str(resolve_model(self.cfg.model.init_from)))
+        return prepare_data(data, self.out)
+
+    def init_model(self) -> tuple[ModelConfig, NemotronHForCausalLM]:
+        """The model to train: the recipe's architecture with seeded weights, or the checkpoint in
+        model.init_from (its config.json fixes the architecture; fp32 master weights)."""
+        cfg = self.cfg
+        if cfg.model.init_from is None:
+            config = build_model_config(cfg, self.data.tokenizer.vocab_size)
+            return config, build_model(config, cfg.model.init_seed)
+        from nemotron3.loader import load_model
+
+        model = load_model(cfg.model.init_from, dtype=torch.float32)
+        if model.config.vocab_size < self.data.tokenizer.vocab_size:
+            raise ValueError(f"model.init_from {cfg.model.init_from}: vocabulary {model.config.vocab_size} is "
+                             f"smaller than the tokenizer's {self.data.tokenizer.vocab_size}")  # fmt: skip
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.config, model.train()
+
+    def make_dataset(self) -> Any:
+        """The training stream: an iterable of [batch/world, seq_len] PackedBatches with
+        state_dict(consumed=n) / load_state_dict (the loop counts consumed batches for exact resume)."""
+        return train_dataset(self.data, self.cfg.data, self.dist.rank, self.world)
+
+    def make_validation(self) -> list[PackedBatch]:
+        """The fixed held-out batches `evaluate` scores (mean CE over their labelled positions)."""
+        return validation_batches(self.data, self.cfg.data, self.cfg.micro_batch)
 
     # ---- state ----------------------------------------------------------------------------------
     def _loop_state(self) -> dict[str, Any]:
@@ -387,7 +424,7 @@ class Pretrainer:
         end = cfg.run.steps if stop_after is None else min(stop_after, cfg.run.steps)
         started, valid_loss = time.perf_counter(), None
         with self._progress() as progress:
-            task = progress.add_task("pretrain", total=cfg.run.steps, completed=self.step, info="")
+            task = progress.add_task(self.stage, total=cfg.run.steps, completed=self.step, info="")
             while self.step < end:
                 batch = next(self._batches)
                 self.consumed += 1
@@ -508,7 +545,7 @@ class Pretrainer:
         ax2.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="gray", lw=0.8, ls="--")
         ax2.set_ylabel("learning rate", color="gray")
         ax.legend(loc="upper right")
-        ax.set_title(f"pretraining {self.out.name}")
+        ax.set_title(f"{self.stage} {self.out.name}")
         fig.tight_layout()
         path = self.out / "loss.png"
         fig.savefig(path, dpi=110)
