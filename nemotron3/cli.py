@@ -454,7 +454,9 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
                      help="override a recipe value (YAML syntax), e.g. --set run.steps=50; repeatable")  # fmt: skip
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     pre.set_defaults(func=cmd_train_pretrain)
-    sft = stages.add_parser("sft", help="supervised fine-tuning on chat-formatted task conversations (recipes/sft.yaml)")
+    sft = stages.add_parser(
+        "sft", help="supervised fine-tuning on chat-formatted task conversations (recipes/sft.yaml)"
+    )
     sft.add_argument("--config", required=True, help="SFT recipe file (.yaml/.yml/.toml), e.g. recipes/sft.yaml")
     sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
     sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -479,52 +481,34 @@ def apply_overrides(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
-def cmd_train_pretrain(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, stage: str, config_cls, run) -> int:
+    """Read the recipe (+ --set overrides) as `config_cls` and `run` it; errors exit 2 naming the problem."""
     import dataclasses
 
-    from nemotron3.train.config import PretrainConfig
-    from nemotron3.train.pretrain import pretrain
-
     try:
-        config = PretrainConfig.from_file(args.config)
+        config = config_cls.from_file(args.config)
         if args.set:
-            config = PretrainConfig.from_dict(apply_overrides(dataclasses.asdict(config), args.set))
-    except (OSError, ValueError) as e:
-        print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        summary = pretrain(config, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, ValueError) as e:
-        print(f"nemotron3 train pretrain: error: {e}", file=sys.stderr)
+            config = config_cls.from_dict(apply_overrides(dataclasses.asdict(config), args.set))
+        summary = run(config, resume=args.resume, progress=not args.no_progress)
+    except (OSError, ValueError) as e:  # includes FileNotFoundError / FileExistsError
+        print(f"nemotron3 train {stage}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(json.dumps(summary, indent=1))
     return EXIT_OK
 
 
-def cmd_train_sft(args: argparse.Namespace) -> int:
-    import dataclasses
+def cmd_train_pretrain(args: argparse.Namespace) -> int:
+    from nemotron3.train.config import PretrainConfig
+    from nemotron3.train.pretrain import pretrain
 
+    return _run_training(args, "pretrain", PretrainConfig, pretrain)
+
+
+def cmd_train_sft(args: argparse.Namespace) -> int:
     from nemotron3.train.sft import SFTConfig, sft
 
-    try:
-        config = SFTConfig.from_file(args.config)
-        if args.set:
-            config = SFTConfig.from_dict(apply_overrides(dataclasses.asdict(config), args.set))
-    except (OSError, ValueError) as e:
-        print(f"nemotron3 train sft: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        summary = sft(config, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"nemotron3 train sft: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=1))
-    return EXIT_OK
-
-
-# --------------------------------------------------------------------------------------------- serve / chat
+    return _run_training(args, "sft", SFTConfig, sft)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

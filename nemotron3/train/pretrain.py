@@ -573,14 +573,20 @@ class Pretrainer:
         return target
 
 
-def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe to the end (resuming from its last checkpoint if asked); returns the summary.
+def run_to_end(trainer_cls: type[Pretrainer], config: PretrainConfig, *, resume: bool = False,
+               progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Build `trainer_cls(config)` and run it to the end (resuming if asked); returns the summary.
 
     Under torchrun every rank calls this; the process group is left once the trainer is gone."""
-    trainer = Pretrainer(config, resume=resume, progress=progress)
+    trainer = trainer_cls(config, resume=resume, progress=progress)
     summary = trainer.run()
     distributed = trainer.dist.distributed
     del trainer
     if distributed:
         destroy_distributed()
     return summary
+
+
+def pretrain(config: PretrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a pretraining recipe to the end (resuming from its last checkpoint if asked); returns the summary."""
+    return run_to_end(Pretrainer, config, resume=resume, progress=progress)

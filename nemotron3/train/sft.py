@@ -423,15 +423,9 @@ def _segments_text(tokenizer: Any, ex: SFTExample) -> list[dict]:
 
 def sft(config: SFTConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run an SFT recipe to the end (resuming if asked); returns the summary (as `pretrain`)."""
-    from nemotron3.train.distributed import destroy_distributed
+    from nemotron3.train.pretrain import run_to_end
 
-    trainer = SFTTrainer(config, resume=resume, progress=progress)
-    summary = trainer.run()
-    distributed = trainer.dist.distributed
-    del trainer
-    if distributed:
-        destroy_distributed()
-    return summary
+    return run_to_end(SFTTrainer, config, resume=resume, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
