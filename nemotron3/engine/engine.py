@@ -174,6 +174,10 @@ class LLMEngine:
             self._sample_and_append(sampled, logits)
             for seq in sampled:
                 changed[seq.request_id] = self.requests[seq.request_id]
+        return self._emit(changed)
+
+    def _emit(self, changed: dict) -> list[RequestOutput]:
+        """RequestOutputs of the requests that changed this step; finished ones are stamped and dropped."""
         outputs = []
         for req in changed.values():
             if req.metrics.first_token_time is None:

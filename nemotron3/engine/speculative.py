@@ -447,16 +447,7 @@ class SpeculativeEngine(LLMEngine):
                 m = self._metrics(seq)
                 m.verify_time += verify_time
                 m.draft_time += draft_time
-        outputs = []
-        for req in changed.values():
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = time.time()
-            out = self._output(req)
-            if out.finished:
-                req.metrics.finished_time = time.time()
-                del self.requests[req.request_id]
-            outputs.append(out)
-        return outputs
+        return self._emit(changed)
 
     # ------------------------------------------------------------------ drafting
     def _draft(self, seqs: list[Sequence]) -> dict[Sequence, tuple[list[int], list]]:
