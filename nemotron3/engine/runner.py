@@ -70,15 +70,27 @@ class ModelRunner:
 
         The cache must already hold blocks for the new tokens (HybridCache.grow).
         """
-        device = self.model.device
-        ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
         lengths = [len(s.tokens) for s in segments]
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
         n_dec = sum(1 for s in segments if s.decode)
         if any(s.decode for s in segments[n_dec:]) or any(n != 1 for n in lengths[:n_dec]):
             raise ValueError("decode segments (one token each) must come first")
+        hidden, offsets = self.run_layers(segments, n_dec, self._mamba)
+        backbone = self.model.backbone
+        rows = [offsets[k + 1] - 1 for k, s in enumerate(segments) if s.want_logits]
+        last = backbone.norm_f(hidden[0, rows])
+        for s, n in zip(segments, lengths):
+            s.seq.num_tokens += n
+        return self.model.lm_head(last).float()
+
+    def run_layers(self, segments: list[Segment], n_dec: int, mamba) -> tuple[torch.Tensor, list[int]]:
+        """Embeddings and every block over the packed stream of `segments`; returns the pre-norm_f hidden
+        states [1, T, H] and the segment offsets. `mamba(layer, mixer, x, segments, offsets, n_dec)` runs
+        the Mamba layers (plain decode/prefill here; the speculative runner keeps per-position states)."""
+        device = self.model.device
+        ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
+        offsets = [0]
+        for s in segments:
+            offsets.append(offsets[-1] + len(s.tokens))
         write_idx = None
         if self.cache.has_attention:
             write_idx = torch.cat(
@@ -89,17 +101,13 @@ class ModelRunner:
         for i, block in enumerate(backbone.layers):
             x = block.norm(hidden)
             if self.kinds[i] == MAMBA:
-                out = self._mamba(i, block.mixer, x, segments, offsets, n_dec)
+                out = mamba(i, block.mixer, x, segments, offsets, n_dec)
             elif self.kinds[i] == ATTENTION:
                 out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
             else:
                 out = block.mixer(x)
             hidden = hidden + out
-        rows = [offsets[k + 1] - 1 for k, s in enumerate(segments) if s.want_logits]
-        last = backbone.norm_f(hidden[0, rows])
-        for s, n in zip(segments, lengths):
-            s.seq.num_tokens += n
-        return self.model.lm_head(last).float()
+        return hidden, offsets
 
     def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):
         j = self.cache.mamba_index[layer]

@@ -182,31 +182,12 @@ class SpecRunner(ModelRunner):
         Returns logits [rows, V] float32 — every position of a verify segment with want_logits, the last
         position of a prompt chunk with want_logits — and final-norm hidden states [T, H] of every token.
         """
-        device = self.model.device
-        ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
-        offsets = [0]
-        for s in segments:
-            offsets.append(offsets[-1] + len(s.tokens))
         n_dec = sum(1 for s in segments if s.decode)
         if any(s.decode for s in segments[n_dec:]):
             raise ValueError("verify (decode) segments must come first")
-        write_idx = None
-        if self.cache.has_attention:
-            write_idx = torch.cat(
-                [self.cache.token_positions(s.seq, s.seq.num_tokens, len(s.tokens)) for s in segments]
-            ).to(device)
         self._saved, self._snapshot = {}, {}
+        hidden, offsets = self.run_layers(segments, n_dec, self._spec_mamba)
         backbone = self.model.backbone
-        hidden = backbone.embeddings(ids)[None]
-        for i, block in enumerate(backbone.layers):
-            x = block.norm(hidden)
-            if self.kinds[i] == MAMBA:
-                out = self._spec_mamba(i, block.mixer, x, segments, offsets, n_dec)
-            elif self.kinds[i] == ATTENTION:
-                out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
-            else:
-                out = block.mixer(x)
-            hidden = hidden + out
         hidden = backbone.norm_f(hidden[0])
         rows = []
         for k, s in enumerate(segments):
