@@ -518,12 +518,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='MTP speculative decoding, as vLLM: \'{"method": "mtp", "num_speculative_tokens": 3}\'')  # fmt: skip
 
 
 def _llm_options(args: argparse.Namespace) -> dict:
+    """LLM(...) options from the shared model flags; a malformed --speculative-config is a ValueError."""
     opts = {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs}
     if args.max_model_len is not None:
         opts["max_model_len"] = args.max_model_len
+    if args.speculative_config is not None:
+        try:
+            opts["speculative_config"] = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
     return opts
 
 
