@@ -445,7 +445,7 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="training stages: pretrain, sft")
+    p = subparsers.add_parser("train", help="training stages: pretrain, sft, rl")
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     pre = stages.add_parser("pretrain", help="pretrain a Nemotron-3-architecture model from a YAML/TOML recipe")
     pre.add_argument("--config", required=True, help="recipe file (.yaml/.yml/.toml), e.g. recipes/default.yaml")
@@ -463,6 +463,13 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
                      help="override a recipe value (YAML syntax), e.g. --set model.init_from=runs/x/model")  # fmt: skip
     sft.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     sft.set_defaults(func=cmd_train_sft)
+    rl = stages.add_parser("rl", help="GRPO reinforcement learning with verifiable rewards (recipes/rl.yaml)")
+    rl.add_argument("--config", required=True, help="RL recipe file (.yaml/.yml/.toml), e.g. recipes/rl.yaml")
+    rl.add_argument("--resume", action="store_true", help="not supported yet by the RL stage (an error)")
+    rl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (YAML syntax), e.g. --set grpo.kl_coef=0.01")  # fmt: skip
+    rl.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    rl.set_defaults(func=cmd_train_rl)
 
 
 def apply_overrides(raw: dict, assignments: list[str]) -> dict:
@@ -509,6 +516,12 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     from nemotron3.train.sft import SFTConfig, sft
 
     return _run_training(args, "sft", SFTConfig, sft)
+
+
+def cmd_train_rl(args: argparse.Namespace) -> int:
+    from nemotron3.train.rl import RLConfig, rl
+
+    return _run_training(args, "rl", RLConfig, rl)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,201 @@
+"""GRPO trainer (nemotron3 train rl) on the tiny preset with scripted rewards: one step end to end changes
+the weights, the policy gradient has the right sign, zero-variance groups give no update, recipe errors
+name the key, ppo_epochs > 1 and the KL reference work, the CLI runs and exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemotron3.cli import main
+from nemotron3.config import preset
+from nemotron3.io.checkpoint import save_checkpoint
+from nemotron3.train.pretrain import build_model
+from nemotron3.train.rl import RLConfig, RLTrainer, pad_sequences, sequence_logprobs, step_instances
+from nemotron3.train.tasks import generate, render_conversation
+from nemotron3.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+ARITH = {"digits": [1, 2], "operations": ["add"]}
+FAVOURED = 300  # the token id the scripted reward favours
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory) -> Path:
+    """A tiny-preset model with seeded random weights, saved with a small trained tokenizer."""
+    root = tmp_path_factory.mktemp("rl_base")
+    docs = [render_conversation(x) for x in generate("arithmetic", 150, 9, **ARITH)]
+    (root / "train.txt").write_text("\f".join(docs), encoding="utf-8")
+    tokenizer_dir = train_tokenizer([root / "train.txt"], 512, root / "tokenizer")
+    out = root / "model"
+    config = preset("tiny").replace(vocab_size=512)
+    save_checkpoint(build_model(config, seed=0).state_dict(), config, out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tokenizer_dir / name, out / name)
+    return out
+
+
+def _config(base: Path, out: Path, **sections) -> RLConfig:
+    raw = {
+        "model": {"init_from": str(base)},
+        "rollout": {"domains": ["arithmetic"], "task_options": {"arithmetic": ARITH}, "prompts_per_step": 4,
+                    "group_size": 4, "max_tokens": 8},
+        "optim": {"lr": 1e-2},
+        "run": {"steps": 1, "out_dir": str(out)},
+    }  # fmt: skip
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return RLConfig.from_dict(raw)
+
+
+def favour(sign: float = 1.0):
+    """A scripted reward: ± the fraction of completion tokens that are FAVOURED."""
+    return lambda instance, text, ids: sign * sum(t == FAVOURED for t in ids) / max(len(ids), 1)
+
+
+def first_token_reward(instance, text, ids) -> float:
+    """Varies within almost every group of a random model (parity of the first sampled token)."""
+    return float(ids[0] % 2) if ids else 0.0
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _favoured_prob(trainer: RLTrainer, batch) -> float:
+    """Mean probability of FAVOURED over the completion positions of a fixed batch (teacher-forced)."""
+    ids, mask = pad_sequences(batch.prompt_ids, batch.completion_ids)
+    with torch.no_grad():
+        p = torch.softmax(trainer.model(ids).logits[:, :-1].float(), dim=-1)[..., FAVOURED]
+    return float((p * mask).sum() / mask.sum())
+
+
+def test_one_step_end_to_end_changes_the_weights(base_checkpoint, tmp_path) -> None:
+    trainer = RLTrainer(_config(base_checkpoint, tmp_path / "rl"), reward_fn=first_token_reward, progress=False)
+    before = _weights(trainer.model)
+    summary = trainer.run()
+    record = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("reward_mean", "accuracy", "completion_len_mean", "loss", "kl", "clip_frac", "grad_norm"):
+        assert key in record, key
+    assert record["grad_norm"] > 0 and record["clip_frac"] == 0.0 and record["ratio_mean"] == pytest.approx(1.0)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed, "one RL step must change the weights"
+    from nemotron3 import load_model
+
+    exported = load_model(summary["model_dir"])
+    for n, p in exported.named_parameters():
+        assert torch.equal(p, trainer.model.get_parameter(n).detach()), n
+    assert (Path(summary["model_dir"]) / "tokenizer.json").is_file()
+
+
+def test_rollouts_are_scored_and_masked_correctly(base_checkpoint, tmp_path) -> None:
+    trainer = RLTrainer(_config(base_checkpoint, tmp_path / "rl"), progress=False)
+    batch = trainer.rollout(0)
+    assert batch.rewards.shape == (4, 4) and len(batch.completion_ids) == 16
+    assert [x.prompt for x in batch.instances] == [x.prompt for x in step_instances(trainer.cfg, 0)]
+    assert step_instances(trainer.cfg, 0)[0].prompt != step_instances(trainer.cfg, 1)[0].prompt
+    assert len({tuple(c) for c in batch.completion_ids[:4]}) > 1  # the G samples of a prompt differ
+    ids, mask = pad_sequences(batch.prompt_ids, batch.completion_ids)
+    assert mask.sum() == sum(len(c) for c in batch.completion_ids)
+    # the teacher-forced log-probs of the sampled tokens match the engine's
+    trainer.model.eval()
+    lp = sequence_logprobs(trainer.model, ids[:1])[0][mask[0] > 0]
+    from nemotron3.engine.sampling_params import SamplingParams
+
+    out = trainer.llm.generate({"prompt_token_ids": batch.prompt_ids[0]},
+                               SamplingParams(temperature=1.0, max_tokens=8, seed=7, logprobs=0))[0].outputs[0]  # fmt: skip
+    ids1, mask1 = pad_sequences([batch.prompt_ids[0]], [out.token_ids])
+    lp1 = sequence_logprobs(trainer.model, ids1)[0][mask1[0] > 0]
+    expected = torch.tensor([d[t].logprob for d, t in zip(out.logprobs, out.token_ids)])
+    assert torch.allclose(lp1, expected, atol=1e-4)
+    assert lp.shape == (len(batch.completion_ids[0]),)
+
+
+def test_policy_gradient_has_the_right_sign(base_checkpoint, tmp_path) -> None:
+    cfg = {"rollout": {"group_size": 16, "max_tokens": 16}}
+    probs = {}
+    for sign in (1.0, -1.0):
+        trainer = RLTrainer(_config(base_checkpoint, tmp_path / f"rl{sign}", **cfg), reward_fn=favour(sign),
+                            progress=False)  # fmt: skip
+        held = trainer.rollout(1000)
+        p0 = _favoured_prob(trainer, held)
+        for _ in range(6):
+            trainer.train_step()
+        probs[sign] = (p0, _favoured_prob(trainer, held))
+    (p0, up), (q0, down) = probs[1.0], probs[-1.0]
+    assert p0 == pytest.approx(q0)
+    assert up > 3 * p0, probs  # rewarding the token makes it likelier …
+    assert down < p0, probs  # … penalising it makes it rarer
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_zero_variance_groups_give_no_update(base_checkpoint, tmp_path, kl_coef) -> None:
+    trainer = RLTrainer(_config(base_checkpoint, tmp_path / "rl", grpo={"kl_coef": kl_coef}),
+                        reward_fn=lambda x, text, ids: 1.0, progress=False)  # fmt: skip
+    before = _weights(trainer.model)
+    record = trainer.train_step()
+    assert record["zero_variance_groups"] == 1.0 and record["reward_mean"] == 1.0 and record["accuracy"] == 1.0
+    # zero advantages → zero policy gradient; the KL gradient vanishes too while policy == reference
+    assert record["grad_norm"] == 0.0 and record["loss"] == 0.0 and record["kl"] == pytest.approx(0.0, abs=1e-6)
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_ppo_epochs_and_kl_reference(base_checkpoint, tmp_path) -> None:
+    config = _config(base_checkpoint, tmp_path / "rl", grpo={"ppo_epochs": 3, "kl_coef": 0.05, "clip_eps": 0.01})
+    trainer = RLTrainer(config, reward_fn=first_token_reward, progress=False)
+    assert trainer.reference is not None
+    record = trainer.train_step()
+    # later epochs see a moved policy against the fixed old log-probs: ratio ≠ 1, some tokens clipped, KL > 0
+    assert record["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and record["kl"] > 0
+    assert record["clip_frac"] > 0
+    ref = dict(trainer.reference.named_parameters())
+    from nemotron3 import load_model
+
+    for n, p in load_model(base_checkpoint).named_parameters():
+        assert torch.equal(ref[n], p), n  # the reference stays the initial model
+
+
+def test_truncated_importance_weights_option_runs(base_checkpoint, tmp_path) -> None:
+    trainer = RLTrainer(_config(base_checkpoint, tmp_path / "rl", grpo={"tis_cap": 2.0}),
+                        reward_fn=first_token_reward, progress=False)  # fmt: skip
+    assert trainer.train_step()["grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"rollout": {"group_size": 1}}, "rollout.group_size"),
+        ({"rollout": {"domains": ["poetry"]}}, "rollout.domains"),
+        ({"rollout": {"temperature": 0}}, "rollout.temperature"),
+        ({"grpo": {"loss_agg": "sum"}}, "grpo.loss_agg"),
+        ({"grpo": {"ppo_epochs": 0}}, "grpo.ppo_epochs"),
+        ({"grpo": {"kl_coef": -1}}, "grpo.kl_coef"),
+        ({"grpo": {"tis_cap": 2.0}, "rollout": {"temperature": 0.7}}, "grpo.tis_cap"),
+        ({"grpo": {"klcoef": 0.1}}, "grpo.klcoef"),
+        ({"optim": {"lr": 0}}, "optim.lr"),
+        ({"run": {"steps": 0}}, "run.steps"),
+        ({"reward": {}}, "reward"),
+    ],
+)
+def test_config_errors_name_the_key(raw, key) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        RLConfig.from_dict(raw)
+
+
+def test_cli_rl_and_recipe(base_checkpoint, tmp_path, capsys) -> None:
+    import yaml
+
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(yaml.safe_dump(_config(base_checkpoint, tmp_path / "cli").to_dict()))
+    assert main(["train", "rl", "--config", str(recipe), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 1 and (Path(summary["model_dir"]) / "config.json").is_file()
+    assert main(["train", "rl", "--config", str(recipe), "--set", "grpo.clip_eps=-1"]) == 2
+    assert "grpo.clip_eps" in capsys.readouterr().err
+    shipped = RLConfig.from_file(ROOT / "recipes" / "rl.yaml")
+    assert shipped.grpo.ppo_epochs == 1 and shipped.rollout.group_size >= 2
