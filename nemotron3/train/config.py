@@ -18,7 +18,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -114,19 +114,12 @@ class RunSection:
     export_dtype: str = "float32"  # float32 | bfloat16 (router bias and Mamba A_log/D/dt_bias stay float32)
 
 
-@dataclass
-class PretrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    precision: PrecisionSection = field(default_factory=PrecisionSection)
-    moe: MoESection = field(default_factory=MoESection)
-    mtp: MTPSection = field(default_factory=MTPSection)
-    spike: SpikeSection = field(default_factory=SpikeSection)
-    run: RunSection = field(default_factory=RunSection)
+class Recipe:
+    """Base of recipe dataclasses whose fields are section dataclasses (pretrain, SFT, RL): reading them
+    from dicts, YAML and TOML with errors that name `section.key`, and validating through `validate()`."""
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> PretrainConfig:
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
         """Build from nested dicts; every key must be a known field (errors name section.key)."""
         if not isinstance(raw, dict):
             raise ValueError(f"a recipe must be a mapping of sections, got {type(raw).__name__}")
@@ -152,7 +145,7 @@ class PretrainConfig:
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> PretrainConfig:
+    def from_file(cls, path: str | Path) -> Self:
         """Read a .yaml/.yml or .toml recipe."""
         path = Path(path)
         if not path.is_file():
@@ -168,6 +161,21 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Subclasses reject values that cannot work, naming the field."""
+
+
+@dataclass
+class PretrainConfig(Recipe):
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    moe: MoESection = field(default_factory=MoESection)
+    mtp: MTPSection = field(default_factory=MTPSection)
+    spike: SpikeSection = field(default_factory=SpikeSection)
+    run: RunSection = field(default_factory=RunSection)
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the field."""

@@ -36,18 +36,15 @@ resumable training checkpoints, micro-batching, multi-turn tool environments.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from nemotron3.default_model import resolve_model
 from nemotron3.engine.llm import LLM
@@ -55,6 +52,7 @@ from nemotron3.engine.sampling_params import SamplingParams
 from nemotron3.io.checkpoint import save_checkpoint
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.nemotron import keeps_fp32
+from nemotron3.train.config import Recipe
 from nemotron3.train.evaluate import task_prompt
 from nemotron3.train.objectives import LOSS_AGGREGATIONS, group_advantages, grpo_loss, truncated_importance_weights
 from nemotron3.train.tasks import DOMAINS, TaskInstance, generate, verify
@@ -117,55 +115,12 @@ class RLRunSection:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Recipe):
     model: RLModelSection = field(default_factory=RLModelSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     optim: RLOptimSection = field(default_factory=RLOptimSection)
     run: RLRunSection = field(default_factory=RLRunSection)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RLConfig:
-        """Build from nested dicts; unknown sections/keys and invalid values are errors naming section.key."""
-        if not isinstance(raw, dict):
-            raise ValueError(f"a recipe must be a mapping of sections, got {type(raw).__name__}")  # noqa: TRY004 (the CLI reports ValueErrors)
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
-        if unknown:
-            raise ValueError(f"unknown recipe section(s) {unknown}; known: {sorted(sections)}")
-        built = {}
-        for name, f in sections.items():
-            section_cls = f.default_factory  # type: ignore[misc]
-            values = raw.get(name) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"recipe section {name!r} must be a mapping, got {type(values).__name__}")  # noqa: TRY004
-            known = {sf.name for sf in dataclasses.fields(section_cls)}
-            bad = sorted(set(values) - known)
-            if bad:
-                raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; section {name!r} has {sorted(known)}")
-            if "betas" in values:
-                values = {**values, "betas": tuple(values["betas"])}
-            built[name] = section_cls(**values)
-        config = cls(**built)
-        config.validate()
-        return config
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> RLConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        else:
-            raise ValueError(f"recipe {path}: expected a .yaml, .yml or .toml file")
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self) -> None:
         r, g, o, run = self.rollout, self.grpo, self.optim, self.run
