@@ -444,32 +444,33 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- train
 
 
+# (stage, help, example recipe, resume help, an example --set)
+TRAIN_STAGES = (
+    ("pretrain", "pretrain a Nemotron-3-architecture model from a YAML/TOML recipe", "recipes/default.yaml",
+     "continue from the newest checkpoint in run.out_dir", "run.steps=50"),
+    ("sft", "supervised fine-tuning on chat-formatted task conversations", "recipes/sft.yaml",
+     "continue from the newest checkpoint in run.out_dir", "model.init_from=runs/x/model"),
+    ("rl", "GRPO reinforcement learning with verifiable rewards", "recipes/rl.yaml",
+     "not supported yet by the RL stage (an error)", "grpo.kl_coef=0.01"),
+    ("mopd", "multi-teacher on-policy distillation", "recipes/mopd.yaml",
+     "not supported yet by the MOPD stage (an error)", "teachers.arithmetic=runs/t/model"),
+)  # fmt: skip
+
+
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="training stages: pretrain, sft, rl")
+    p = subparsers.add_parser("train", help="training stages: " + ", ".join(s[0] for s in TRAIN_STAGES))
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    pre = stages.add_parser("pretrain", help="pretrain a Nemotron-3-architecture model from a YAML/TOML recipe")
-    pre.add_argument("--config", required=True, help="recipe file (.yaml/.yml/.toml), e.g. recipes/default.yaml")
-    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
-    pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a recipe value (YAML syntax), e.g. --set run.steps=50; repeatable")  # fmt: skip
-    pre.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    pre.set_defaults(func=cmd_train_pretrain)
-    sft = stages.add_parser(
-        "sft", help="supervised fine-tuning on chat-formatted task conversations (recipes/sft.yaml)"
-    )
-    sft.add_argument("--config", required=True, help="SFT recipe file (.yaml/.yml/.toml), e.g. recipes/sft.yaml")
-    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
-    sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a recipe value (YAML syntax), e.g. --set model.init_from=runs/x/model")  # fmt: skip
-    sft.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    sft.set_defaults(func=cmd_train_sft)
-    rl = stages.add_parser("rl", help="GRPO reinforcement learning with verifiable rewards (recipes/rl.yaml)")
-    rl.add_argument("--config", required=True, help="RL recipe file (.yaml/.yml/.toml), e.g. recipes/rl.yaml")
-    rl.add_argument("--resume", action="store_true", help="not supported yet by the RL stage (an error)")
-    rl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a recipe value (YAML syntax), e.g. --set grpo.kl_coef=0.01")  # fmt: skip
-    rl.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    rl.set_defaults(func=cmd_train_rl)
+    commands = {"pretrain": cmd_train_pretrain, "sft": cmd_train_sft, "rl": cmd_train_rl, "mopd": cmd_train_mopd}
+    for name, help_text, recipe, resume_help, example in TRAIN_STAGES:
+        st = stages.add_parser(name, help=f"{help_text} ({recipe})")
+        st.add_argument("--config", required=True, help=f"recipe file (.yaml/.yml/.toml), e.g. {recipe}")
+        st.add_argument("--resume", action="store_true", help=resume_help)
+        st.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override a recipe value (YAML syntax), e.g. --set {example}; repeatable")  # fmt: skip
+        st.add_argument(
+            "--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)"
+        )
+        st.set_defaults(func=commands[name])
 
 
 def apply_overrides(raw: dict, assignments: list[str]) -> dict:
@@ -522,6 +523,12 @@ def cmd_train_rl(args: argparse.Namespace) -> int:
     from nemotron3.train.rl import RLConfig, rl
 
     return _run_training(args, "rl", RLConfig, rl)
+
+
+def cmd_train_mopd(args: argparse.Namespace) -> int:
+    from nemotron3.train.mopd import MOPDConfig, mopd
+
+    return _run_training(args, "mopd", MOPDConfig, mopd)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
