@@ -72,7 +72,8 @@ class LLMEngine:
                 )
             self.max_model_len = capacity
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill), self.cache
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill),
+            self.cache,
         )
         self.runner = ModelRunner(model, self.cache, compile=config.compile)
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
@@ -159,15 +160,9 @@ class LLMEngine:
         for seq in sched.decodes:
             segments.append(Segment(seq.cache, [seq.all_ids[-1]], decode=True, want_logits=True))
             sampled.append(seq)
-        for seq, n in sched.prefills:
-            start = seq.num_computed
-            done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
-            segments.append(Segment(seq.cache, seq.all_ids[start : start + n], decode=False, want_logits=done))
-            if done:
-                sampled.append(seq)
-            req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
+        chunks, finished = self._prefill_segments(sched.prefills, now)
+        segments += chunks
+        sampled += finished
         logits = self.runner.step(segments)
         changed: dict[str, _Request] = {}
         if sampled:
@@ -188,6 +183,21 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(out)
         return outputs
+
+    def _prefill_segments(self, prefills, now: float) -> tuple[list[Segment], list[Sequence]]:
+        """Segments of this step's prompt chunks, and the sequences whose prompt they finish (those want
+        logits); stamps each request's first scheduled time."""
+        segments, finished = [], []
+        for seq, n in prefills:
+            start = seq.num_computed
+            done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
+            segments.append(Segment(seq.cache, seq.all_ids[start : start + n], decode=False, want_logits=done))
+            if done:
+                finished.append(seq)
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        return segments, finished
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
@@ -222,7 +232,9 @@ class LLMEngine:
         entry = {tok: Logprob(lp)}
         k = s.params.logprobs
         if k and result.top_ids is not None:
-            for rank, (tid, tlp) in enumerate(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())):
+            for rank, (tid, tlp) in enumerate(
+                zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())
+            ):
                 entry.setdefault(tid, Logprob(tlp))
                 entry[tid].rank = rank + 1
         s.logprobs.append(entry)
@@ -265,10 +277,13 @@ class LLMEngine:
     def _output(self, req: _Request) -> RequestOutput:
         outs = [
             CompletionOutput(
-                index=s.index, text=s.text, token_ids=list(s.output_ids),
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.output_ids),
                 cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
                 logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
             )  # fmt: skip
             for s in req.seqs
         ]

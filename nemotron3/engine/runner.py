@@ -130,12 +130,19 @@ class ModelRunner:
                 conv.index_copy_(0, idx, state.conv)
                 ssm.index_copy_(0, idx, state.ssm)
             parts.append(y.view(1, n_dec, -1))
+        parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return mixer.out_proj(y.to(x.dtype))
+
+    @staticmethod
+    def _prefill_chunks(mixer, z, xbc, dt, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm):
+        """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place."""
+        parts = []
         for k in range(n_dec, len(segments)):
             a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
             state = MambaState(conv[slot : slot + 1], ssm[slot : slot + 1])
             parts.append(mixer.mix(z[:, a:b], xbc[:, a:b], dt[:, a:b], state, decode=False))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return mixer.out_proj(y.to(x.dtype))
+        return parts
 
     def _attention(self, layer: int, attn, x: torch.Tensor, segments: list[Segment], offsets: list[int], write_idx):
         j = self.cache.attn_index[layer]

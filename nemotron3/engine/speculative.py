@@ -45,7 +45,6 @@ from nemotron3.engine.sampler import SampleResult, SamplingTensors, draw, proces
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.attention import causal_attention
-from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 METHODS = {"mtp": "mtp", "nemotron_h_mtp": "mtp"}  # vLLM's deprecated name maps to "mtp" as there
@@ -228,10 +227,7 @@ class SpecRunner(ModelRunner):
                 if T == min(lengths)
                 else torch.cat([y[k, :n] for k, n in enumerate(lengths)])[None]
             )
-        for k in range(n_dec, len(segments)):
-            a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
-            state = MambaState(conv[slot : slot + 1], ssm[slot : slot + 1])
-            parts.append(mixer.mix(z[:, a:b], xbc[:, a:b], dt[:, a:b], state, decode=False))
+        parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return mixer.out_proj(y.to(x.dtype))
 
@@ -376,16 +372,8 @@ class SpeculativeEngine(LLMEngine):
         t1 = time.perf_counter()
 
         segments = [Segment(s.cache, [s.all_ids[-1], *drafts.get(s, ([], []))[0]], True, True) for s in sched.decodes]
-        done_prefills = []
-        for seq, n in sched.prefills:
-            start = seq.num_computed
-            done = start + n == len(seq.all_ids)
-            segments.append(Segment(seq.cache, seq.all_ids[start : start + n], decode=False, want_logits=done))
-            if done:
-                done_prefills.append(seq)
-            req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
+        chunks, done_prefills = self._prefill_segments(sched.prefills, now)
+        segments += chunks
         starts = {seq: seq.num_computed for seq in [*sched.decodes, *(s for s, _ in sched.prefills)]}
         offsets = [0]
         for seg in segments:

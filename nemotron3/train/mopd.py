@@ -43,15 +43,11 @@ import torch
 from nemotron3.default_model import resolve_model
 from nemotron3.train.objectives import LOSS_AGGREGATIONS, group_advantages, mopd_loss
 from nemotron3.train.rl import (
-    GRPOSection,
     RewardFn,
     RLConfig,
-    RLModelSection,
-    RLOptimSection,
     RLRunSection,
     RLTrainer,
     Rollouts,
-    RolloutSection,
     pad_sequences,
     sequence_logprobs,
 )
@@ -76,12 +72,8 @@ class MOPDRunSection(RLRunSection):
 class _MOPDSections(RLConfig):
     """RL's sections plus ``mopd`` (every field a section dataclass, so `Recipe.from_dict` can build it)."""
 
-    model: RLModelSection = field(default_factory=RLModelSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    mopd: MOPDSection = field(default_factory=MOPDSection)
-    optim: RLOptimSection = field(default_factory=RLOptimSection)
     run: MOPDRunSection = field(default_factory=MOPDRunSection)
+    mopd: MOPDSection = field(default_factory=MOPDSection)
 
     def validate(self) -> None:
         """Checked once the teachers are in (`MOPDConfig.validate`)."""

@@ -19,27 +19,15 @@ from nemotron3.io.checkpoint import save_checkpoint
 from nemotron3.train.mopd import MOPDConfig, MOPDTrainer
 from nemotron3.train.pretrain import build_model
 from nemotron3.train.rl import pad_sequences
-from nemotron3.train.tasks import generate, render_conversation
-from nemotron3.train.tokenizer import train_tokenizer
+from tests.train.helpers import ARITH, tiny_chat_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-ARITH = {"digits": [1, 2], "operations": ["add"]}
 FAVOURED = 300  # the token id the scripted teacher favours
 
 
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory) -> Path:
-    """A tiny-preset model with seeded random weights, saved with a small trained tokenizer."""
-    root = tmp_path_factory.mktemp("mopd_base")
-    docs = [render_conversation(x) for x in generate("arithmetic", 150, 9, **ARITH)]
-    (root / "train.txt").write_text("\f".join(docs), encoding="utf-8")
-    tokenizer_dir = train_tokenizer([root / "train.txt"], 512, root / "tokenizer")
-    out = root / "model"
-    config = preset("tiny").replace(vocab_size=512)
-    save_checkpoint(build_model(config, seed=0).state_dict(), config, out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer_dir / name, out / name)
-    return out
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("mopd_base"))
 
 
 def _raw(base: Path, out: Path, **sections) -> dict:
