@@ -2,6 +2,7 @@
 and a `cmd_<name>(args) -> int` that runs it; `main` parses and dispatches.
 
     nemotron3 info <preset|dir> [--json]     layer pattern, parameter counts, weight/cache memory
+    nemotron3 eval tasks|budget|ruler|perplexity --model [LABEL=]PATH ... --out R.json   (JSON + R.png)
 
 Exit codes: 0 success, 2 bad arguments (unknown model, unreadable config.json, usage errors).
 """
@@ -531,6 +532,162 @@ def cmd_train_mopd(args: argparse.Namespace) -> int:
     return _run_training(args, "mopd", MOPDConfig, mopd)
 
 
+# --------------------------------------------------------------------------------------------- eval
+
+
+EVALS = (
+    ("tasks", "per-domain accuracy of several models, mean ± std over instance seeds"),
+    ("budget", "accuracy vs thinking budget (off, integer budgets, unbounded) and token savings"),
+    ("ruler", "RULER-style key-value retrieval accuracy per (context length, needle depth)"),
+    ("perplexity", "held-out next-token loss and perplexity"),
+)
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="post-training evaluations, each writing JSON and a PNG")
+    evals = p.add_subparsers(dest="eval", required=True, metavar="EVAL")
+    commands = {"tasks": cmd_eval_tasks, "budget": cmd_eval_budget, "ruler": cmd_eval_ruler,
+                "perplexity": cmd_eval_perplexity}  # fmt: skip
+    for name, help_text in EVALS:
+        e = evals.add_parser(name, help=help_text)
+        e.add_argument("--model", action="append", default=None, metavar="[LABEL=]PATH",
+                       help="a checkpoint directory or 'default' (the embedded model), optionally labelled; "
+                       + ("one model" if name == "ruler" else "repeatable"))  # fmt: skip
+        e.add_argument("--out", default=f"benchmarks/results/eval_{name}.json",
+                       help=f"JSON result path; the PNG goes next to it (default benchmarks/results/eval_{name}.json)")  # fmt: skip
+        e.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        if name in ("tasks", "budget"):
+            e.add_argument("--seeds", type=int, default=3, help="instance seeds EVAL_SEED+0.. (default 3)")
+            e.add_argument("--task-options", default=None, metavar="RECIPE",
+                           help="take task options from a recipe (data.task_options or rollout.task_options)")  # fmt: skip
+            e.add_argument("--set-option", action="append", default=[], metavar="DOMAIN.KEY=VALUE",
+                           help="override a task option (YAML value), e.g. arithmetic.digits=[1,2]; repeatable")  # fmt: skip
+        if name in ("tasks", "ruler"):
+            e.add_argument("--thinking", default="on", choices=["on", "off"] + (["both"] if name == "tasks" else []))
+        if name == "tasks":
+            e.add_argument("--domains", default="arithmetic:100,sorting:50,tool_use:50,retrieval:50",
+                           help="DOMAIN:N,... instances per seed (default arithmetic:100,sorting:50,tool_use:50,retrieval:50)")  # fmt: skip
+            e.add_argument("--max-tokens", type=int, default=384, help="with thinking on (default 384)")
+            e.add_argument("--max-tokens-off", type=int, default=64, help="with thinking off (default 64)")
+        elif name == "budget":
+            e.add_argument("--label", default=None, help="label of a single unlabelled --model")
+            e.add_argument("--domain", default="arithmetic")
+            e.add_argument("-n", "--n", type=int, default=100, help="instances per seed (default 100)")
+            e.add_argument("--budgets", default="off,16,48,96,unbounded",
+                           help="off, unbounded, integers >= 0 or level names (default off,16,48,96,unbounded)")  # fmt: skip
+            e.add_argument("--levels", default="low=16,medium=48,high=96", help="level names -> budgets")
+            e.add_argument("--max-tokens", type=int, default=384, help="reasoning + answer (default 384)")
+        elif name == "ruler":
+            e.add_argument("--lengths", default="256,512,1024,2048,4096", help="context lengths in tokens")
+            e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+            e.add_argument("-n", "--n", type=int, default=8, help="questions per cell (default 8)")
+            e.add_argument("--max-tokens", type=int, default=None, help="default 128 (thinking on) or 32 (off)")
+            e.add_argument("--max-model-len", type=int, default=None,
+                           help="engine context limit (capped at the model's max_position_embeddings)")  # fmt: skip
+        else:
+            e.add_argument("--files", nargs="+", default=None, help="held-out text files (default: the "
+                           "pretraining corpus's valid.txt)")  # fmt: skip
+            e.add_argument("--seq-len", type=int, default=256)
+            e.add_argument("--sequences", type=int, default=64)
+        e.set_defaults(func=commands[name])
+
+
+def _eval_task_options(args: argparse.Namespace) -> dict:
+    from nemotron3.eval.common import load_task_options, set_task_option
+
+    options = load_task_options(args.task_options) if args.task_options else {}
+    for item in args.set_option:
+        options = set_task_option(options, item)
+    return options
+
+
+def _run_eval(args: argparse.Namespace, evaluate) -> int:
+    """Set threads, run `evaluate()` -> result dict, write JSON + PNG; errors exit 2 naming the problem."""
+    import torch
+
+    from nemotron3.eval import write_result
+
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        if not str(args.out).endswith(".json"):
+            raise ValueError(f"--out must name a .json file, got {args.out}")
+        result = evaluate()
+        out, png = write_result(result, args.out)
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        print(f"nemotron3 eval {args.eval}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    return EXIT_OK
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from nemotron3.eval import TasksConfig, evaluate_tasks
+    from nemotron3.eval.tasks import parse_domains
+
+    def run() -> dict:
+        config = TasksConfig(parse_domains(args.domains), args.seeds, args.thinking, _eval_task_options(args),
+                             args.max_tokens, args.max_tokens_off)  # fmt: skip
+        return evaluate_tasks(args.model or ["default"], config, dtype=args.dtype)
+
+    return _run_eval(args, run)
+
+
+def cmd_eval_budget(args: argparse.Namespace) -> int:
+    from nemotron3.eval import BudgetConfig, evaluate_budget
+    from nemotron3.eval.budget import parse_levels
+
+    def run() -> dict:
+        models = args.model or ["default"]
+        if args.label is not None:
+            if len(models) != 1 or "=" in models[0]:
+                raise ValueError("--label names a single unlabelled --model; use --model LABEL=PATH for several")
+            models = [f"{args.label}={models[0]}"]
+        config = BudgetConfig(args.domain, args.n, args.seeds, [b for b in args.budgets.split(",") if b.strip()],
+                              parse_levels(args.levels), args.max_tokens, _eval_task_options(args))  # fmt: skip
+        return evaluate_budget(models, config, dtype=args.dtype)
+
+    return _run_eval(args, run)
+
+
+def cmd_eval_ruler(args: argparse.Namespace) -> int:
+    from nemotron3.eval import RulerConfig, evaluate_ruler
+    from nemotron3.eval.common import parse_int_list
+
+    def run() -> dict:
+        models = args.model or ["default"]
+        if len(models) != 1:
+            raise ValueError(f"--model: eval ruler takes one model, got {len(models)}")
+        try:
+            depths = [float(x) for x in args.depths.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--depths expects comma-separated numbers in [0, 1], got {args.depths!r}") from None
+        config = RulerConfig(parse_int_list(args.lengths, "--lengths"), depths, args.n, args.thinking == "on",
+                             args.max_tokens)  # fmt: skip
+        opts = {"dtype": args.dtype}
+        if args.max_model_len is not None:
+            opts["max_model_len"] = args.max_model_len
+        return evaluate_ruler(models[0], config, **opts)
+
+    return _run_eval(args, run)
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    import torch
+
+    from nemotron3.eval import PerplexityConfig, evaluate_perplexity
+
+    def run() -> dict:
+        config = PerplexityConfig(args.files or [], args.seq_len, args.sequences)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        return evaluate_perplexity(args.model or ["default"], config, dtype=dtype)
+
+    return _run_eval(args, run)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
@@ -616,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(subparsers)
     add_serve(subparsers)
     add_chat(subparsers)
+    add_eval(subparsers)
     return parser
 
 
