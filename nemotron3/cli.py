@@ -452,9 +452,10 @@ TRAIN_STAGES = (
     ("sft", "supervised fine-tuning on chat-formatted task conversations", "recipes/sft.yaml",
      "continue from the newest checkpoint in run.out_dir", "model.init_from=runs/x/model"),
     ("rl", "GRPO reinforcement learning with verifiable rewards", "recipes/rl.yaml",
-     "not supported yet by the RL stage (an error)", "grpo.kl_coef=0.01"),
+     "continue from the newest checkpoint in run.out_dir (bit-exact when synchronous)", "grpo.kl_coef=0.01"),
     ("mopd", "multi-teacher on-policy distillation", "recipes/mopd.yaml",
-     "not supported yet by the MOPD stage (an error)", "teachers.arithmetic=runs/t/model"),
+     "continue from the newest checkpoint in run.out_dir (bit-exact when synchronous)",
+     "teachers.arithmetic=runs/t/model"),
 )  # fmt: skip
 
 

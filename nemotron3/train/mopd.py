@@ -1,4 +1,4 @@
-"""`nemotron3 train mopd`: multi-teacher on-policy distillation (MOPD), first version.
+"""`nemotron3 train mopd`: multi-teacher on-policy distillation (MOPD).
 
 The RL trainer (nemotron3.train.rl) with the reward replaced by dense per-token teacher guidance. One step:
 
@@ -20,13 +20,20 @@ The RL trainer (nemotron3.train.rl) with the reward replaced by dense per-token 
    truncated importance weights of ``grpo.tis_cap`` as in RL; one plain AdamW step (RL's optimizer, warm-up
    and gradient clipping).
 
-The ``grpo`` section is RL's: MOPD reads only ``normalize_std`` and ``tis_cap`` from it; keys it does not use
-must keep their defaults (``kl_coef`` 0: the teachers replace the reference model; ``ppo_epochs`` 1: strictly
-on-policy). Metrics per step (``run.out_dir/metrics.jsonl``): RL's reward / accuracy / length / loss /
-grad_norm / timing, plus ``kl`` (mean reverse-KL estimate log π_S − log π_T over all completion tokens),
-``reverse_kl/<domain>`` per domain, ``advantage_mean`` and ``teacher_s`` (seconds in teacher forwards). The
-student is exported like RL's policy. Not implemented yet: teacher top-k / full-distribution KL, teachers
-with another tokenizer, asynchronous rollouts, resumable checkpoints.
+Asynchronous rollouts (``rollout.max_staleness`` k ≥ 1), resume (``run.checkpoint_every``, `mopd(...,
+resume=True)`) and the MTP loss (``mtp.loss_weight``) are RL's (nemotron3.train.rl, docs/rl.md). With stale
+rollouts the teachers still score on the trainer side, the advantage uses the *sampling* student's log-prob,
+A_t = log π_T(y_t) − log π_b(y_t) (the reverse-KL estimate of the policy that sampled y, as the Nemotron 3
+MOPD notes describe), and the loss is the clipped surrogate of ratio π_S / π_b (`mopd_loss` with
+``behavior_logprobs``; ``grpo.clip_eps`` / ``clip_eps_high``).
+
+The ``grpo`` section is RL's: MOPD reads only ``normalize_std``, ``tis_cap`` and (async only) ``clip_eps`` /
+``clip_eps_high`` from it; keys it does not use must keep their defaults (``kl_coef`` 0: the teachers replace
+the reference model; ``ppo_epochs`` 1: one update per batch). Metrics per step (``run.out_dir/metrics.jsonl``):
+RL's reward / accuracy / length / loss / grad_norm / staleness / timing, plus ``kl`` (mean reverse-KL
+estimate log π_S − log π_T over all completion tokens, π_b for stale rollouts), ``reverse_kl/<domain>`` per
+domain, ``advantage_mean`` and ``teacher_s`` (seconds in teacher forwards). The student is exported like
+RL's policy. Not implemented yet: teacher top-k / full-distribution KL, teachers with another tokenizer.
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ from nemotron3.train.rl import (
     RLRunSection,
     RLTrainer,
     Rollouts,
-    pad_sequences,
+    check_run_dir,
     sequence_logprobs,
+    update_inputs,
 )
 from nemotron3.train.tasks import DOMAINS
 
@@ -140,6 +148,8 @@ class MOPDTrainer(RLTrainer):
     ``teachers`` overrides the recipe's teacher of the given domains with ready nn.Modules (tests, or a
     caller that already holds them); they are checked like loaded ones."""
 
+    stage = "mopd"
+
     def __init__(
         self,
         config: MOPDConfig,
@@ -147,10 +157,11 @@ class MOPDTrainer(RLTrainer):
         teachers: Mapping[str, torch.nn.Module] | None = None,
         reward_fn: RewardFn | None = None,
         progress: bool = True,
+        resume: bool = False,
     ) -> None:
         if not isinstance(config, MOPDConfig):
             raise TypeError("MOPDTrainer takes an MOPDConfig (MOPDConfig.from_file / from_dict)")
-        super().__init__(config, reward_fn=reward_fn, progress=progress)
+        super().__init__(config, reward_fn=reward_fn, progress=progress, resume=resume)
         given = dict(teachers or {})
         unknown = sorted(set(given) - set(DOMAINS))
         if unknown:
@@ -207,12 +218,12 @@ class MOPDTrainer(RLTrainer):
 
     # ---- update ---------------------------------------------------------------------------------
     def update(self, batch: Rollouts) -> dict[str, float]:
-        """One MOPD step on a rollout batch: teacher scoring, `mopd_loss`, AdamW."""
+        """One MOPD step on a rollout batch: teacher scoring, `mopd_loss`, AdamW. For async rollouts the
+        batch's behaviour log-probs are the student's side of the advantage and the ratio's denominator."""
         cfg, m = self.cfg, self.cfg.mopd
-        keep = [i for i, c in enumerate(batch.completion_ids) if c]  # an empty completion has no token to train
+        keep, ids, mask = update_inputs(batch)  # an empty completion has no token to train
         if not keep:
             return {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "advantage_mean": 0.0, "teacher_s": 0.0}
-        ids, mask = pad_sequences([batch.prompt_ids[i] for i in keep], [batch.completion_ids[i] for i in keep])
         t0 = time.perf_counter()
         teacher = self.teacher_logprobs(batch, keep, ids)
         teacher_s = time.perf_counter() - t0
@@ -220,24 +231,23 @@ class MOPDTrainer(RLTrainer):
         if m.reward_weight > 0:
             reward_adv = group_advantages(batch.rewards, normalize_std=cfg.grpo.normalize_std).reshape(-1)[keep]
         self.model.train()
-        logprobs = sequence_logprobs(self.model, ids, cfg.rollout.temperature)
-        old = logprobs.detach()
+        logprobs, mtp_loss = self.policy_forward(ids, mask)
+        behavior = batch.behavior_logprobs  # None: on-policy, the student's own log-probs
+        old = logprobs.detach() if behavior is None else behavior
         is_weights = self._is_weights(batch, keep, old, mask) if cfg.grpo.tis_cap is not None else None
         loss, s = mopd_loss(logprobs, teacher, mask, reward_advantages=reward_adv, reward_weight=m.reward_weight,
-                            distill_weight=m.distill_weight, loss_agg=m.loss_agg, is_weights=is_weights)  # fmt: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
-        self.optimizer.step()
+                            distill_weight=m.distill_weight, loss_agg=m.loss_agg, is_weights=is_weights,
+                            behavior_logprobs=behavior, clip_eps=cfg.grpo.clip_eps,
+                            clip_eps_high=cfg.grpo.clip_eps_high)  # fmt: skip
+        if mtp_loss is not None:
+            loss = loss + cfg.mtp.loss_weight * mtp_loss
+        grad_norm = self.optimizer_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, "kl": float(s["reverse_kl"]),
-                 "advantage_mean": float(s["advantage_mean"]), "teacher_s": teacher_s}  # fmt: skip
+                 "advantage_mean": float(s["advantage_mean"]), "teacher_s": teacher_s,
+                 **{k: float(s[k]) for k in ("clip_frac", "ratio_mean") if k in s}}  # fmt: skip
+        if mtp_loss is not None:
+            stats["mtp_loss"] = float(mtp_loss.detach())
         domains = [batch.instances[i // cfg.rollout.group_size].domain for i in keep]
         kl_tokens = (old - teacher) * mask
         for domain in dict.fromkeys(cfg.rollout.domains):
@@ -248,13 +258,7 @@ class MOPDTrainer(RLTrainer):
 
     # ---- loop -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from rich.progress import Progress
-
-        with Progress(disable=not self.progress, transient=True) as bar:
-            task = bar.add_task("mopd", total=self.cfg.run.steps)
-            while self.step < self.cfg.run.steps:
-                record = self.train_step()
-                bar.update(task, advance=1, description=f"mopd reverse-KL {record['kl']:.3f}")
+        self.train_loop(lambda record: f"mopd reverse-KL {record['kl']:.3f}")
         model_dir = self.export()
         keys = ["reward_mean", "accuracy", "completion_len_mean", "kl",
                 *(f"reverse_kl/{d}" for d in dict.fromkeys(self.cfg.rollout.domains))]  # fmt: skip
@@ -265,13 +269,10 @@ class MOPDTrainer(RLTrainer):
 
 
 def mopd(config: MOPDConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run an MOPD recipe to the end; returns the summary. `resume` is not supported yet (no checkpoints)."""
-    if resume:
-        raise ValueError("nemotron3 train mopd does not support --resume yet (no training checkpoints)")
-    out = Path(config.run.out_dir)
-    if (out / "model").exists() and config.run.export_dir is None:
-        raise FileExistsError(f"{out} already holds an exported model: choose another run.out_dir")
-    return MOPDTrainer(config, progress=progress).run()
+    """Run an MOPD recipe to the end; returns the summary. `resume` continues from the newest training
+    checkpoint in run.out_dir/checkpoints (from scratch when there is none)."""
+    check_run_dir(config, resume)
+    return MOPDTrainer(config, progress=progress, resume=resume).run()
 
 
 __all__ = ["MOPDConfig", "MOPDSection", "MOPDTrainer", "mopd"]

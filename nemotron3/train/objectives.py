@@ -236,6 +236,9 @@ def mopd_loss(
     distill_weight: float = 1.0,
     loss_agg: str = "token-mean",
     is_weights: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MOPD as a policy-gradient loss, optionally mixed with a sequence-level RL reward advantage.
 
@@ -248,10 +251,22 @@ def mopd_loss(
     on-policy distillation with a per-token reward. ``logprobs`` [B, T] is the student's log-prob of its own
     sampled tokens and carries the gradient; ``teacher_logprobs`` [B, T] comes from the prompt's domain teacher.
 
-    Returns (loss, stats): ``reverse_kl`` = mean over valid tokens of log π_S − log π_T (the estimate being
-    minimised), ``advantage_mean`` = mean total advantage over valid tokens; both detached.
+    Off-policy rollouts (asynchronous, sampled by an older student π_b): pass ``behavior_logprobs`` [B, T],
+    log π_b of the sampled tokens. The distillation advantage then uses the sampling policy's log-prob,
+    A_it = distill_weight · (log π_T(y_it) − log π_b(y_it)) + reward_weight · A^R_i (the reverse-KL estimate
+    of the policy that actually sampled y), and the loss is `grpo_loss`'s clipped surrogate with ratio
+    ρ = π_S / π_b (``clip_eps`` / ``clip_eps_high``; no KL term): its gradient at ρ = 1 is the on-policy one,
+    −A ∇log π_S, and tokens already moved beyond the clip range get none. Stats then add ``clip_frac`` and
+    ``ratio_mean``.
+
+    Returns (loss, stats): ``reverse_kl`` = mean over valid tokens of log π_S − log π_T (π_b − π_T when
+    behaviour log-probs are given: the estimate being minimised), ``advantage_mean`` = mean total advantage
+    over valid tokens; all detached.
     """
-    adv = mopd_token_advantages(logprobs, teacher_logprobs, mask)
+    if behavior_logprobs is not None:
+        _require_shape("behavior_logprobs", behavior_logprobs, logprobs.shape)
+    sampler = logprobs if behavior_logprobs is None else behavior_logprobs
+    adv = mopd_token_advantages(sampler, teacher_logprobs, mask)
     m = _as_float_mask(mask, logprobs)
     valid = m > 0
     logprobs = _zero_masked(logprobs, valid)
@@ -261,10 +276,15 @@ def mopd_loss(
         total = total + reward_weight * reward_advantages.detach().to(logprobs.dtype)[:, None]
     elif reward_weight != 0.0:
         raise ValueError("reward_advantages is required when reward_weight != 0")
-    per_token = -total * logprobs
     if is_weights is not None:
         _require_shape("is_weights", is_weights, logprobs.shape)
+    stats = {"reverse_kl": _masked_mean(-adv, m), "advantage_mean": _masked_mean(total, m)}
+    if behavior_logprobs is not None:
+        loss, pg = grpo_loss(logprobs, behavior_logprobs, None, total, mask, clip_eps=clip_eps,
+                             clip_eps_high=clip_eps_high, loss_agg=loss_agg, is_weights=is_weights)  # fmt: skip
+        return loss, {**stats, "clip_frac": pg["clip_frac"], "ratio_mean": pg["ratio_mean"]}
+    per_token = -total * logprobs
+    if is_weights is not None:
         per_token = per_token * _zero_masked(is_weights.detach(), valid)
     loss = aggregate_token_loss(per_token, m, loss_agg)
-    stats = {"reverse_kl": _masked_mean(-adv, m), "advantage_mean": _masked_mean(total, m)}
     return loss, stats

@@ -231,3 +231,57 @@ def test_cli_mopd_and_recipe(base_checkpoint, tmp_path, capsys) -> None:
     assert "sorting" in capsys.readouterr().err
     shipped = MOPDConfig.from_file(ROOT / "recipes" / "mopd.yaml")
     assert set(shipped.rollout.domains) <= set(shipped.teachers)
+
+
+# ------------------------------------------------------------------ async rollouts, resume, MTP
+
+
+def _first_token_reward(instance, text, ids) -> float:
+    return float(ids[0] % 2) if ids else 0.0
+
+
+def test_async_mopd_scores_stale_rollouts_against_the_sampling_student(base_checkpoint, tmp_path) -> None:
+    # teacher = the initial student; the reward moves the student at step 0, yet batch 1 was sampled by
+    # version 0, so its distillation advantage log π_T − log π_behaviour is exactly 0 (the MOPD choice),
+    # while the ratio π_θ / π_behaviour has moved away from 1
+    config = _config(base_checkpoint, tmp_path / "m", rollout={"max_staleness": 1, "group_size": 4},
+                     mopd={"reward_weight": 1.0}, run={"steps": 2, "threads": 1})  # fmt: skip
+    trainer = MOPDTrainer(config, reward_fn=_first_token_reward, progress=False)
+    trainer.producer_timeout_s = 120.0
+    trainer.run()
+    first, second = trainer.trace
+    assert [first["staleness"], second["staleness"]] == [0, 1]
+    assert first["kl"] == 0.0 and second["kl"] == 0.0
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-4) and second["grad_norm"] > 0
+    assert trainer.producer is None
+
+
+def test_mopd_resume_and_mtp(base_checkpoint, tmp_path) -> None:
+    teachers = {"arithmetic": Favouring(_load(base_checkpoint))}
+    straight = MOPDTrainer(_config(base_checkpoint, tmp_path / "a", run={"steps": 2}, mtp={"loss_weight": 0.3}),
+                           teachers=teachers, progress=False)  # fmt: skip
+    straight.run()
+    assert all(r["mtp_loss"] > 0 for r in straight.trace)
+    MOPDTrainer(_config(base_checkpoint, tmp_path / "b", mtp={"loss_weight": 0.3}), teachers=teachers,
+                progress=False).run()  # fmt: skip
+    resumed = MOPDTrainer(_config(base_checkpoint, tmp_path / "b", run={"steps": 2}, mtp={"loss_weight": 0.3}),
+                          teachers=teachers, progress=False, resume=True)  # fmt: skip
+    assert resumed.step == 1
+    resumed.run()
+    for n, p in straight.model.named_parameters():
+        assert torch.equal(resumed.model.get_parameter(n), p), n
+    assert resumed.trace[1]["loss"] == straight.trace[1]["loss"]
+
+
+def test_cli_mopd_resume(base_checkpoint, tmp_path, capsys) -> None:
+    import yaml
+
+    recipe = tmp_path / "mopd.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(base_checkpoint, tmp_path / "cli")))
+    assert main(["train", "mopd", "--config", str(recipe), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "mopd", "--config", str(recipe), "--no-progress", "--set", "run.steps=2"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["train", "mopd", "--config", str(recipe), "--no-progress", "--resume", "--set", "run.steps=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2

@@ -283,3 +283,31 @@ def test_mopd_padding_and_bad_shapes() -> None:
         mopd_loss(s, t, m, reward_weight=1.0)
     with pytest.raises(ValueError, match="is_weights"):
         mopd_loss(s, t, m, is_weights=torch.ones(3))
+
+
+def test_mopd_loss_with_behaviour_logprobs() -> None:
+    """Stale rollouts: the advantage uses the sampling policy's log-probs, the gradient at ratio 1 is the
+    on-policy REINFORCE one, and tokens pushed past the clip range get none."""
+    torch.manual_seed(0)
+    lp = torch.randn(2, 5) - 2
+    teacher = torch.randn(2, 5) - 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    grads = []
+    for behaviour in (None, lp.clone()):
+        x = lp.clone().requires_grad_(True)
+        loss, stats = mopd_loss(x, teacher, mask, behavior_logprobs=behaviour)
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert float(stats["ratio_mean"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
+    # advantage and reverse-KL statistic against the behaviour policy, not the current one
+    behaviour = lp - 0.5
+    x = lp.clone().requires_grad_(True)
+    loss, stats = mopd_loss(x, teacher, mask, behavior_logprobs=behaviour, clip_eps=0.2)
+    valid = mask > 0
+    close(stats["reverse_kl"], float((behaviour - teacher)[valid].mean()))
+    loss.backward()
+    # ratio e^0.5 ≈ 1.65 > 1.2: tokens with a positive advantage are clipped (no gradient), the others are not
+    adv = (teacher - behaviour) * mask
+    assert torch.all(x.grad[(adv > 0) & valid] == 0) and torch.all(x.grad[(adv < 0) & valid] != 0)
+    close(stats["clip_frac"], float(((adv > 0) & valid).float().sum() / mask.sum()))

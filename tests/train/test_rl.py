@@ -183,3 +183,187 @@ def test_cli_rl_and_recipe(base_checkpoint, tmp_path, capsys) -> None:
     assert "grpo.clip_eps" in capsys.readouterr().err
     shipped = RLConfig.from_file(ROOT / "recipes" / "rl.yaml")
     assert shipped.grpo.ppo_epochs == 1 and shipped.rollout.group_size >= 2
+
+
+# ------------------------------------------------------------------ async rollouts, resume, MTP
+
+
+def _small(base: Path, out: Path, **sections) -> RLConfig:
+    """A 3-step config small enough for seconds-long async / resume tests."""
+    raw = {"rollout": {"prompts_per_step": 2, "max_tokens": 6, **sections.pop("rollout", {})},
+           "run": {"steps": 3, "threads": 1, **sections.pop("run", {})}}  # fmt: skip
+    return _config(base, out, **raw, **sections)
+
+
+def _reference_sync_step(trainer: RLTrainer) -> None:
+    """The synchronous on-policy GRPO step as written before async rollouts existed (ppo_epochs 1, no KL,
+    no tis): the default path must keep producing exactly these weights."""
+    from nemotron3.train.objectives import group_advantages, grpo_loss
+
+    g = trainer.cfg.grpo
+    batch = trainer.rollout(trainer.step)
+    keep = [i for i, c in enumerate(batch.completion_ids) if c]
+    adv = group_advantages(batch.rewards, normalize_std=g.normalize_std).reshape(-1)[keep]
+    ids, mask = pad_sequences([batch.prompt_ids[i] for i in keep], [batch.completion_ids[i] for i in keep])
+    trainer.model.train()
+    logprobs = sequence_logprobs(trainer.model, ids, trainer.cfg.rollout.temperature)
+    loss, _ = grpo_loss(logprobs, logprobs.detach(), None, adv, mask, clip_eps=g.clip_eps,
+                        clip_eps_high=g.clip_eps_high, loss_agg=g.loss_agg)  # fmt: skip
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.grad is not None],
+                                   trainer.cfg.optim.grad_clip)  # fmt: skip
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+
+
+def test_max_staleness_zero_is_the_synchronous_path(base_checkpoint, tmp_path) -> None:
+    ours = RLTrainer(_small(base_checkpoint, tmp_path / "a", rollout={"max_staleness": 0}),
+                     reward_fn=first_token_reward, progress=False)  # fmt: skip
+    reference = RLTrainer(_small(base_checkpoint, tmp_path / "b"), reward_fn=first_token_reward, progress=False)
+    for _ in range(2):
+        record = ours.train_step()
+        _reference_sync_step(reference)
+        assert record["staleness"] == 0 and record["policy_version"] == record["step"] - 1
+        assert record["ratio_mean"] == 1.0 and record["clip_frac"] == 0.0
+    assert ours.producer is None  # no thread in synchronous mode
+    for n, p in reference.model.named_parameters():
+        assert torch.equal(ours.model.get_parameter(n), p), n
+
+
+def _no_producer_thread() -> bool:
+    import threading
+
+    return not any(t.name == "rl-rollout-producer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_async_rollouts_are_stale_by_one_and_corrected(base_checkpoint, tmp_path) -> None:
+    config = _small(base_checkpoint, tmp_path / "a", rollout={"max_staleness": 1}, grpo={"clip_eps": 0.01},
+                    optim={"lr": 3e-2})  # fmt: skip
+    trainer = RLTrainer(config, reward_fn=first_token_reward, progress=False)
+    trainer.producer_timeout_s = 120.0
+    records, versions = [], [_weights(trainer.model)]
+    for _ in range(3):
+        records.append(trainer.train_step())
+        versions.append(_weights(trainer.model))
+    batch2 = trainer.last_batch
+    trainer.close()
+    assert _no_producer_thread()
+    assert [r["policy_version"] for r in records] == [0, 0, 1] and [r["staleness"] for r in records] == [0, 1, 1]
+    assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and records[0]["clip_frac"] == 0.0
+    assert records[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-4)  # the policy moved since version 0 …
+    assert max(r["clip_frac"] for r in records[1:]) > 0  # … and the clip acts on the stale tokens
+    # batch 2 is exactly what version 1 samples synchronously at step 2
+    sync = RLTrainer(_small(base_checkpoint, tmp_path / "s"), reward_fn=first_token_reward, progress=False)
+    with torch.no_grad():
+        for n, p in sync.model.named_parameters():
+            p.copy_(versions[1][n])
+    assert sync.rollout(2).completion_ids == batch2.completion_ids
+    # and an async run is reproducible
+    again = RLTrainer(replace_out(config, tmp_path / "b"), reward_fn=first_token_reward, progress=False)
+    again.run()
+    for n, p in again.model.named_parameters():
+        assert torch.equal(p.detach(), versions[3][n]), n
+    assert _no_producer_thread()
+
+
+def replace_out(config: RLConfig, out: Path) -> RLConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, out_dir=str(out)))
+
+
+def test_producer_stops_on_errors(base_checkpoint, tmp_path) -> None:
+    def failing_reward(instance, text, ids) -> float:
+        if instance.prompt in failing:
+            raise KeyError("scripted reward failure")
+        return 0.0
+
+    config = _small(base_checkpoint, tmp_path / "a", rollout={"max_staleness": 2})
+    failing = {x.prompt for x in step_instances(config, 1)}
+    trainer = RLTrainer(config, reward_fn=failing_reward, progress=False)
+    trainer.producer_timeout_s = 120.0
+    with pytest.raises(RuntimeError, match="producer failed on step 1") as error:
+        trainer.run()
+    assert isinstance(error.value.__cause__, KeyError)
+    assert trainer.producer is None and _no_producer_thread()
+    # an error on the trainer side stops the producer too
+    trainer = RLTrainer(replace_out(config, tmp_path / "b"), progress=False)
+
+    def broken_update(batch):
+        raise ValueError("scripted update failure")
+
+    trainer.update = broken_update
+    with pytest.raises(ValueError, match="scripted update failure"):
+        trainer.run()
+    assert trainer.producer is None and _no_producer_thread()
+
+
+def test_resume_reproduces_the_straight_run(base_checkpoint, tmp_path) -> None:
+    from nemotron3.train.rl import rl
+
+    straight = RLTrainer(_small(base_checkpoint, tmp_path / "a", run={"steps": 4}), reward_fn=first_token_reward,
+                         progress=False)  # fmt: skip
+    straight.run()
+    half = _small(base_checkpoint, tmp_path / "b", run={"steps": 2})
+    RLTrainer(half, reward_fn=first_token_reward, progress=False).run()
+    files = {p.name for p in (tmp_path / "b" / "checkpoints").rglob("*") if p.is_file()}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    with pytest.raises(FileExistsError, match="--resume"):
+        rl(_small(base_checkpoint, tmp_path / "b", run={"steps": 4, "export_dir": str(tmp_path / "x")}))
+    resumed = RLTrainer(_small(base_checkpoint, tmp_path / "b", run={"steps": 4}), reward_fn=first_token_reward,
+                        progress=False, resume=True)  # fmt: skip
+    assert resumed.step == 2
+    resumed.run()
+    for n, p in straight.model.named_parameters():
+        assert torch.equal(resumed.model.get_parameter(n), p), n
+    timing = ("rollout_s", "update_s")
+    logged = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    for a, b in zip(straight.trace, logged):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    with pytest.raises(ValueError, match="rollout"):  # a changed recipe is refused
+        RLTrainer(_small(base_checkpoint, tmp_path / "b", rollout={"temperature": 0.5}), progress=False, resume=True)
+
+
+def test_async_resume_restarts_the_producer_from_the_checkpoint(base_checkpoint, tmp_path) -> None:
+    config = _small(base_checkpoint, tmp_path / "a", rollout={"max_staleness": 1}, run={"steps": 2})
+    RLTrainer(config, reward_fn=first_token_reward, progress=False).run()
+    resumed = RLTrainer(_small(base_checkpoint, tmp_path / "a", rollout={"max_staleness": 1}, run={"steps": 4}),
+                        reward_fn=first_token_reward, progress=False, resume=True)  # fmt: skip
+    resumed.run()
+    assert [r["policy_version"] for r in resumed.trace] == [0, 0, 2, 2]  # the in-flight batch 2 is regenerated
+    assert [r["staleness"] for r in resumed.trace] == [0, 1, 0, 1]
+    assert _no_producer_thread()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_mtp_is_trained_only_with_a_loss_weight(base_checkpoint, tmp_path, weight) -> None:
+    trainer = RLTrainer(_small(base_checkpoint, tmp_path / "a", mtp={"loss_weight": weight}),
+                        reward_fn=first_token_reward, progress=False)  # fmt: skip
+    assert trainer.model.mtp is not None
+    before = _weights(trainer.model)
+    grads = {}
+    for n, p in trainer.model.named_parameters():
+        if n.startswith("mtp."):
+            p.register_hook(lambda g, n=n: grads.__setitem__(n, float(g.norm())))
+    record = trainer.train_step()
+    mtp_changed = [n for n, p in trainer.model.named_parameters()
+                   if n.startswith("mtp.") and not torch.equal(p.detach(), before[n])]  # fmt: skip
+    if weight == 0:
+        assert not grads and not mtp_changed and "mtp_loss" not in record
+    else:
+        assert record["mtp_loss"] > 0 and mtp_changed and max(grads.values()) > 0
+
+
+def test_cli_rl_resume(base_checkpoint, tmp_path, capsys) -> None:
+    import yaml
+
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(yaml.safe_dump(_small(base_checkpoint, tmp_path / "cli", run={"steps": 1}).to_dict()))
+    assert main(["train", "rl", "--config", str(recipe), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "rl", "--config", str(recipe), "--no-progress", "--resume", "--set", "run.steps=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert [json.loads(x)["step"] for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
