@@ -73,7 +73,7 @@ class SFTSection:
 
 @dataclass
 class SFTModelSection(ModelSection):
-    init_from: str | None = "default"  # the embedded pretrained model; a directory; null = the preset, random
+    init_from: str | None = "base"  # the embedded pretrained model; a directory; null = the preset, random
 
 
 @dataclass
