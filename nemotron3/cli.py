@@ -748,6 +748,11 @@ def add_chat(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--no-thinking", action="store_true", help="start with thinking off (/think on to change)")
     p.add_argument("--budget", type=int, default=None, help="reasoning-token budget (/budget N to change)")
+    p.add_argument("--tools", action="store_true",
+                   help="offer the demo tools (calculator, lookup) and run the model's calls (/tools on|off)")  # fmt: skip
+    p.add_argument("--max-tool-rounds", type=int, default=3, help="tool call → answer rounds per user turn")
+    p.add_argument("--message", action="append", default=None, metavar="TEXT",
+                   help="run this user turn (or /command) instead of reading stdin; repeatable, then exit")  # fmt: skip
     p.set_defaults(func=cmd_chat)
 
 
@@ -756,7 +761,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     try:
         return run_chat(args.model, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
-                        top_p=args.top_p, thinking=not args.no_thinking, budget=args.budget,
+                        top_p=args.top_p, thinking=not args.no_thinking, budget=args.budget, tools=args.tools,
+                        max_tool_rounds=args.max_tool_rounds, messages=args.message,
                         **_llm_options(args))  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"nemotron3 chat: error: {e}", file=sys.stderr)
