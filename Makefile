@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test run info clean
+.PHONY: setup test run info posttrain clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ test: setup
 
 run: setup
 	$(BIN)/nemotron3 generate --prompt "ROMEO:" --max-tokens 60
-	$(BIN)/nemotron3 generate --chat "What is 458 + 275?" --max-tokens 200
+	$(BIN)/nemotron3 generate --chat "What is 47 + 38?" --max-tokens 200
+
+# The post-training chain of the default model from the embedded base model (~1 h on 2 cores): SFT, three
+# domain teachers, GRPO, MOPD, then the evaluations (docs/post-training.md).
+posttrain: setup
+	$(BIN)/python benchmarks/posttrain_chain.py --install-default
 
 info: setup
 	$(BIN)/nemotron3 info ultra-550b-a55b

@@ -44,7 +44,7 @@ def _tasks(plt, r: dict[str, Any]):
     groups = [*r["domains"], "average"]
     series = [(f"{label}" + (f" (thinking {mode})" if len(m["modes"]) > 1 or r["thinking"] == "off" else ""), mr)
               for label, m in r["models"].items() for mode, mr in m["modes"].items()]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) * max(1, len(series)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.35 * len(groups) * max(1, len(series)) + 2)), 4.2))
     width = 0.8 / max(1, len(series))
     for i, (name, mr) in enumerate(series):
         rows = [mr["domains"][d] for d in r["domains"]] + [mr["average"]]
