@@ -21,8 +21,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 run: setup
-	$(BIN)/nemotron3 generate --prompt "ROMEO:" --max-tokens 60
 	$(BIN)/nemotron3 generate --chat "What is 47 + 38?" --max-tokens 200
+	$(BIN)/nemotron3 chat --tools --temperature 0 --message "Please compute 12 * 34." --max-tokens 200
 
 # The post-training chain of the default model from the embedded base model (~1 h on 2 cores): SFT, three
 # domain teachers, GRPO, MOPD, then the evaluations (docs/post-training.md).

@@ -1,4 +1,4 @@
-"""Evaluate a pretrained model (default: the embedded one) as issue 5 asks: held-out loss, task accuracy, samples.
+"""Evaluate a pretrained model (default: the embedded base) as issue 5 asks: held-out loss, task accuracy, samples.
 
     python benchmarks/eval_default_model.py [--model DIR] [--recipe recipes/default.yaml] [--n 200]
 
@@ -36,7 +36,7 @@ def training_prompts(recipe: PretrainConfig, domain: str) -> set[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="base")
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "default.yaml"))
     p.add_argument("--n", type=int, default=200, help="arithmetic problems (other domains: n/4)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "default_model"))

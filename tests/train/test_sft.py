@@ -242,6 +242,6 @@ def test_cli_sft_and_recipe(base_checkpoint, tmp_path, capsys) -> None:
     assert main(["train", "sft", "--config", str(recipe), "--set", "sft.truncated_fraction=1.5"]) == 2
     assert "truncated_fraction" in capsys.readouterr().err
     shipped = SFTConfig.from_file(ROOT / "recipes" / "sft.yaml")
-    assert shipped.model.init_from == "default" and shipped.data.corpus_dir is None
+    assert shipped.model.init_from == "base" and shipped.data.corpus_dir is None
     with pytest.raises(ValueError, match="corpus"):
         SFTConfig.from_dict({"data": {"corpus_dir": "x"}})

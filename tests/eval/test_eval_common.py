@@ -35,8 +35,10 @@ def test_model_specs() -> None:
 
 
 def test_task_options_from_recipes(tmp_path) -> None:
-    sft = load_task_options(ROOT / "recipes" / "sft.yaml")  # data.task_options
+    (tmp_path / "sft.yaml").write_text("data:\n  task_options:\n    arithmetic: {digits: [1, 3]}\n")
+    sft = load_task_options(tmp_path / "sft.yaml")  # data.task_options
     assert sft["arithmetic"]["digits"] == [1, 3]
+    assert load_task_options(ROOT / "recipes" / "sft.yaml")["arithmetic"]["operations"] == ["add", "sub"]
     (tmp_path / "rl.yaml").write_text("rollout:\n  task_options:\n    sorting: {length: 4}\n")
     assert load_task_options(tmp_path / "rl.yaml") == {"sorting": {"length": 4}}
     assert set_task_option(sft, "arithmetic.digits=[1,2]")["arithmetic"]["digits"] == [1, 2]
