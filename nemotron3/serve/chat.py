@@ -30,6 +30,7 @@ class ChatSession:
         self.client, self.console, self.params = client, console, params
         self.tools = list(tools) if tools else None
         self.max_tool_rounds = max_tool_rounds
+        self.think_after_tool = False  # reason again after a tool result (the default model answers directly)
         self.tokenizer = client.tokenizer
         self.think = ThinkTokens.from_tokenizer(self.tokenizer)
         self.system = system
@@ -97,7 +98,11 @@ class ChatSession:
 
     async def _generate(self) -> tuple[str, str, list[dict]]:
         """Stream one assistant message for the conversation so far: (content, reasoning, OpenAI tool calls)."""
-        config = ReasoningConfig.resolve(self.enable_thinking, self.effort, self.budget)
+        # After a tool result the reply is written with thinking off unless think_after_tool: the answer
+        # turn of the tool-use training data has an empty <think></think> (nemotron3.train.tasks).
+        after_tool = bool(self.messages) and self.messages[-1]["role"] == "tool"
+        thinking = self.enable_thinking and (self.think_after_tool or not after_tool)
+        config = ReasoningConfig.resolve(thinking, None if after_tool and not thinking else self.effort, self.budget)
         prompt = self.tokenizer.apply_chat_template(self.messages, tools=self.tools, add_generation_prompt=True,
                                                     enable_thinking=config.enabled)  # fmt: skip
         prompt_ids = self.tokenizer.encode(prompt)

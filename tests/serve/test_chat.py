@@ -89,7 +89,7 @@ def test_run_tool_bad_calls_answer_errors(call, words):
 # ---- ChatSession ----------------------------------------------------------------------------------------
 def _calculator_then_answer(prompt: str) -> str:
     if "<tool_response>" in prompt:
-        return "The tool says 42.\n</think>\n12 + 30 = 42."
+        return "12 + 30 = 42."  # after a tool result the chat renders thinking off: the answer comes directly
     return CALL
 
 
@@ -109,6 +109,7 @@ def test_session_runs_the_tool_then_answers(tokenizer):
     # the tools were offered, and the second prompt carries the call and its response as the model was trained
     assert "<function>\n<name>calculator</name>" in client.prompts[0]
     assert '<tool_response>\n{"result": 42}\n</tool_response>' in client.prompts[1]
+    assert client.prompts[1].rstrip().endswith("<think></think>")  # the tool-use training data's answer turn
     assert "<function=calculator>\n<parameter=expression>\n12 + 30\n</parameter>" in client.prompts[1]
     shown = out.getvalue()
     assert '⚙ calculator(expression="12 + 30")' in shown and '{"result": 42}' in shown
