@@ -15,6 +15,7 @@ import torch
 
 from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
+from nemotron3.kernels import native
 from nemotron3.model.attention import causal_attention
 from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.moe import Experts
@@ -41,7 +42,8 @@ def transpose_linear_storage(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
             module.weight.data = module.weight.data.t().contiguous().t()
-        elif isinstance(module, Experts):  # stacked [E, out, in]: each expert's matrix transposed likewise
+        elif isinstance(module, Experts) and not native.available():
+            # stacked [E, out, in]: each expert's matrix transposed likewise (the fused kernel reads rows instead)
             for p in (module.up_proj, module.down_proj):
                 if p.is_contiguous():
                     p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
@@ -58,6 +60,10 @@ class ModelRunner:
             transpose_linear_storage(model)
         # The decode recurrence is ~30 tiny element-wise ops per Mamba layer; inductor fuses them
         # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
+        self.compile = compile
+        self.dt_ranges = {
+            i: block.mixer.decode_dt_range() for i, block in enumerate(model.backbone.layers) if self.kinds[i] == MAMBA
+        }
         self.mix_decode = {
             i: torch.compile(block.mixer.mix, dynamic=True) if compile else block.mixer.mix
             for i, block in enumerate(model.backbone.layers)
@@ -112,27 +118,38 @@ class ModelRunner:
     def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
-        z, xbc, dt = mixer.project(x)  # [1, T, ·]
+        proj = mixer.in_proj(x)  # [1, T, I + C + nh]
+        z, xbc, dt = proj.split([mixer.inner, mixer.conv_dim, mixer.num_heads], dim=-1)
         parts = []
         if n_dec:
-            slots = [s.seq.slot for s in segments[:n_dec]]
-            first = slots[0]
-            consecutive = slots == list(range(first, first + n_dec))
-            if consecutive:  # views: the step updates the pool in place
-                state = MambaState(conv[first : first + n_dec], ssm[first : first + n_dec])
-            else:
-                idx = torch.tensor(slots, device=conv.device)
-                state = MambaState(conv.index_select(0, idx), ssm.index_select(0, idx))
-            y = self.mix_decode[layer](
-                z[0, :n_dec, None], xbc[0, :n_dec, None], dt[0, :n_dec, None], state, decode=True
-            )  # [n_dec, 1, I]
-            if not consecutive:
-                conv.index_copy_(0, idx, state.conv)
-                ssm.index_copy_(0, idx, state.ssm)
-            parts.append(y.view(1, n_dec, -1))
+            parts.append(self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm))
         parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return mixer.out_proj(y.to(x.dtype))
+
+    def _mamba_decode(self, layer: int, mixer, proj, z, xbc, dt, decoding: list[Segment], conv, ssm) -> torch.Tensor:
+        """One recurrence step for the first len(decoding) rows; returns [1, n, I].
+
+        The fused native kernel (nemotron3/kernels) reads and advances the pool slots directly; where it
+        cannot run (not float32, no compiler, torch.compile asked for) the torch step does the same math."""
+        n = len(decoding)
+        slots = [s.seq.slot for s in decoding]
+        if not self.compile:
+            y = native.mamba_step(mixer, proj[0, :n], torch.tensor(slots), conv, ssm, self.dt_ranges[layer])
+            if y is not None:
+                return y[None]
+        first = slots[0]
+        consecutive = slots == list(range(first, first + n))
+        if consecutive:  # views: the step updates the pool in place
+            state = MambaState(conv[first : first + n], ssm[first : first + n])
+        else:
+            idx = torch.tensor(slots, device=conv.device)
+            state = MambaState(conv.index_select(0, idx), ssm.index_select(0, idx))
+        y = self.mix_decode[layer](z[0, :n, None], xbc[0, :n, None], dt[0, :n, None], state, decode=True)  # [n, 1, I]
+        if not consecutive:
+            conv.index_copy_(0, idx, state.conv)
+            ssm.index_copy_(0, idx, state.ssm)
+        return y.view(1, n, -1)
 
     @staticmethod
     def _prefill_chunks(mixer, z, xbc, dt, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm):

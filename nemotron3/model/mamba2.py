@@ -256,6 +256,13 @@ class Mamba2Mixer(nn.Module):
             delta = delta.clamp(min=lo, max=hi)
         return delta
 
+    def decode_dt_range(self) -> tuple[float, float]:
+        """(lo, hi) that the decode step clamps Δ to; (−inf, inf) where `_step_size` leaves it unclamped."""
+        if self.dt_clamp == DT_CLAMP_TRANSFORMERS:
+            return (-math.inf, math.inf)
+        lo, hi = self.time_step_limit
+        return (lo, hi) if lo > 0.0 or hi < math.inf else (-math.inf, math.inf)
+
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj and its split: z [.., I] (gate), xbc [.., C] (conv input x|B|C), dt [.., nh]."""
         return self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)

@@ -1,7 +1,8 @@
 """LatentMoE: sigmoid router on the full hidden state, relu² experts in the latent width, shared expert.
 
 research/architecture.md §7. Routed experts run only on the tokens routed to them: the (token, expert)
-pairs are sorted by expert and each expert with work does one matmul over its contiguous slice.
+pairs are sorted by expert and each expert with work does one matmul over its contiguous slice. A few
+tokens at a time (decode) take the fused native kernel instead (nemotron3/kernels), one call per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import ModelConfig
+from nemotron3.kernels import native
 from nemotron3.model.mlp import MLP, relu2
 
 
@@ -74,6 +76,10 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts stacked as up_proj [E, F, L] and down_proj [E, L, F] (on disk: one tensor per expert)."""
 
+    # Up to this many tokens go to the fused kernel (each expert row read once, dot products over the
+    # tokens); more tokens make the per-expert loop's GEMMs the faster path (benchmarks/notes/experts.md).
+    native_max_tokens = 32
+
     def __init__(self, num_experts: int, in_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, in_size))
@@ -85,6 +91,10 @@ class Experts(nn.Module):
         x: [T, L]; weights: [T, k] fp32; indices: [T, k]. Returns [T, L] float32.
         """
         T, k = indices.shape
+        if T <= self.native_max_tokens:
+            fused = native.experts(x, self.up_proj, self.down_proj, indices, weights)
+            if fused is not None:
+                return fused
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k

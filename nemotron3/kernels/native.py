@@ -1,0 +1,182 @@
+"""Build, load and call the fused CPU decode kernels in cpu_decode.c (float32, OpenMP).
+
+The C file is compiled once per machine with the system C compiler (`cc -O3 -march=native -fopenmp`) into
+~/.cache/nemotron3/kernels (or $NEMOTRON3_CACHE_DIR/kernels), keyed by a hash of the source, the compiler
+and the CPU's feature flags, then loaded with ctypes. torch is imported first, so the library binds the
+libgomp.so.1 torch already loaded: one OpenMP thread pool, sized by torch.set_num_threads.
+
+Everything here is optional: with no compiler, a failed build, NEMOTRON3_NATIVE=0, or inputs the kernels do
+not take (not float32, not on the CPU, autograd on), callers fall back to the torch code, which computes the
+same math. `available()` says which path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _i, _i, _p, _p, _i, _p]),
+    "nm3_mamba_step": (
+        None,
+        [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p],
+    ),
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NEMOTRON3_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nemotron3")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(force: bool = False) -> Path:
+    """Compile cpu_decode.c (if not already cached) and return the shared library's path; raises on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    out = _cache_dir() / f"cpu_decode-{key.hexdigest()[:16]}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see a half-written library
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when disabled (NEMOTRON3_NATIVE=0) or they cannot be built here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("NEMOTRON3_NATIVE", "1") not in ("0", "false", "no", "off"):
+            try:
+                lib = ctypes.CDLL(str(build()))
+                for name, (res, args) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = res, args
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                warnings.warn(f"nemotron3: native CPU kernels unavailable, using torch ops ({e})", stacklevel=2)
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def reset() -> None:
+    """Forget the loaded library so the next call re-reads NEMOTRON3_NATIVE (tests)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = None, False
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    )
+
+
+def experts(
+    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor | None:
+    """Routed experts for a few tokens in one call: [T, L] float32, or None when the kernel cannot run.
+
+    x: [T, L]; up: [E, F, L] and down: [E, L, F] (contiguous); indices: [T, k] int64; weights: [T, k] fp32.
+    """
+    lib = library()
+    if lib is None or not _usable(x, up, down, weights) or not (up.is_contiguous() and down.is_contiguous()):
+        return None
+    x = x.contiguous()
+    indices = indices.to(torch.int64).contiguous()
+    weights = weights.contiguous()
+    T, L = x.shape
+    E, F_, _ = up.shape
+    out = torch.empty(T, L, dtype=torch.float32)
+    rc = lib.nm3_experts(
+        x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, indices.data_ptr(), weights.data_ptr(),
+        indices.shape[1], out.data_ptr(),
+    )  # fmt: skip
+    if rc == -1:
+        raise ValueError(f"expert index out of range [0, {E}): {indices.min().item()}..{indices.max().item()}")
+    if rc != 0:
+        raise MemoryError("nm3_experts: allocation failed")
+    return out
+
+
+def mamba_step(
+    mixer, proj: torch.Tensor, slots: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
+    dt_range: tuple[float, float],
+) -> torch.Tensor | None:  # fmt: skip
+    """A Mamba2Mixer's decode step (conv, SSM recurrence, D skip, gated norm) for b sequences in one call.
+
+    proj: [b, I + C + nh] float32 in_proj output rows (z | xbc | dt); slots: [b] int64 state slots;
+    conv_pool [S, C, K-1] and ssm_pool [S, nh, P, N] (float32, contiguous) advance in place.
+    dt_range: (lo, hi) clamp of Δ. Returns the normed output [b, I], or None when the kernel cannot run.
+    """
+    lib = library()
+    params = (mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)
+    if (
+        lib is None
+        or not _usable(proj, conv_pool, ssm_pool, *params)
+        or proj.stride(-1) != 1
+        or not (conv_pool.is_contiguous() and ssm_pool.is_contiguous())
+    ):
+        return None
+    b = proj.shape[0]
+    nh, P, N, C = mixer.num_heads, mixer.head_dim, mixer.state_size, mixer.conv_dim
+    bias = mixer.conv1d.bias
+    conv_w = mixer.conv1d.weight.detach().reshape(C, -1).contiguous()
+    u = torch.empty(b, C, dtype=torch.float32)
+    out = torch.empty(b, nh * P, dtype=torch.float32)
+    base = proj.data_ptr()
+    I = mixer.inner
+    lib.nm3_mamba_step(
+        b, slots.data_ptr(), base + 4 * I, base, base + 4 * (I + C), proj.stride(0), conv_pool.data_ptr(),
+        ssm_pool.data_ptr(), conv_w.data_ptr(), bias.data_ptr() if bias is not None else None,
+        mixer.dt_bias.data_ptr(), mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(), C,
+        mixer.kernel, nh, P, N, mixer.n_groups, mixer.norm.groups, dt_range[0], dt_range[1], mixer.norm.eps,
+        u.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,162 @@
+"""The fused native decode kernels (nemotron3/kernels/cpu_decode.c) against float64 references.
+
+Inputs are float32 from a seeded generator; the references get the same values upcast, so a difference is
+the kernel's own float32 arithmetic (unit roundoff u = 2^-24 ≈ 6e-8).
+* Experts: two chained dot products of ≤ 64 terms and a weighted sum over k ≤ 4 experts. A length-n float32
+  dot has relative error ≲ √n·u in practice (≈ 5e-7 at n = 64); measured ≤ 3e-7 relative L2. We allow
+  2e-6 (relative L2) and 10× that on the relative max. A wrong expert, slot weight or row gives errors ~1.
+* Mamba step: a K-tap conv, softplus/exp, an n-term dot for y and a group RMS norm: measured ≤ 3e-7
+  relative; we allow 2e-6 on the output and on both updated state pools.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemotron3.kernels import native
+from nemotron3.model.mamba2 import Mamba2Mixer
+from nemotron3.model.moe import Experts
+from tests.model.helpers import small_config
+from tests.model.reference import causal_conv1d_ref, ssm_step_ref
+from tests.model.test_kernels import assert_close_rel
+
+RTOL = 2e-6
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built (no C compiler)")
+f64 = torch.float64
+
+
+def test_kernels_build_where_a_compiler_exists():
+    """Where cc exists (CI, the dev machine) the kernels must build: otherwise the fast path silently vanishes."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.available(), "a C compiler is present but nemotron3/kernels/cpu_decode.c did not build"
+
+
+def experts_ref(x, up, down, indices, weights) -> torch.Tensor:
+    """Σ_j w_j · down_e (relu(up_e x)²) per token, a literal float64 loop."""
+    x, up, down, weights = (v.to(f64) for v in (x, up, down, weights))
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=f64)
+    for t in range(x.shape[0]):
+        for j in range(indices.shape[1]):
+            e = int(indices[t, j])
+            out[t] += weights[t, j] * (down[e] @ torch.relu(up[e] @ x[t]) ** 2)
+    return out
+
+
+def expert_inputs(T, E, k, F_, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, L, generator=g)
+    up = torch.randn(E, F_, L, generator=g) / math.sqrt(L)
+    down = torch.randn(E, L, F_, generator=g) / math.sqrt(F_)
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g) * 2.5
+    return x, up, down, indices, weights
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("T", "E", "k", "F_", "L"), [(1, 8, 2, 24, 32), (3, 16, 4, 40, 17), (8, 6, 6, 64, 48), (32, 16, 4, 33, 64)]
+)
+def test_experts_match_float64(T, E, k, F_, L):
+    for seed in range(3):
+        x, up, down, indices, weights = expert_inputs(T, E, k, F_, L, seed)
+        out = native.experts(x, up, down, indices, weights)
+        assert out is not None and out.dtype == torch.float32
+        assert_close_rel(out, experts_ref(x, up, down, indices, weights), RTOL, f"experts T={T} seed={seed}")
+
+
+@needs_native
+def test_experts_module_takes_the_kernel_and_agrees_with_its_torch_loop():
+    """Experts.forward: ≤ native_max_tokens tokens go to the kernel, more to the loop; both give the same sums."""
+    torch.manual_seed(0)
+    mod = Experts(8, 20, 24)
+    with torch.no_grad():
+        mod.up_proj.normal_(0, 0.2)
+        mod.down_proj.normal_(0, 0.2)
+    x, _, _, indices, weights = expert_inputs(5, 8, 3, 24, 20, seed=4)
+    with torch.inference_mode():
+        fused = mod(x, weights, indices)
+        mod.native_max_tokens = 0
+        looped = mod(x, weights, indices)
+    assert_close_rel(fused, looped.double(), RTOL, "kernel vs loop")
+
+
+@needs_native
+def test_experts_reject_an_out_of_range_index():
+    x, up, down, indices, weights = expert_inputs(2, 4, 2, 8, 16, seed=0)
+    indices[1, 0] = 4
+    with pytest.raises(ValueError, match="expert index"):
+        native.experts(x, up, down, indices, weights)
+
+
+def test_experts_decline_what_they_do_not_take():
+    """bf16 inputs, autograd, or transposed storage: None, so the caller runs the torch loop."""
+    x, up, down, indices, weights = expert_inputs(2, 4, 2, 8, 16, seed=0)
+    assert native.experts(x.bfloat16(), up.bfloat16(), down.bfloat16(), indices, weights) is None
+    assert native.experts(x, up.requires_grad_(), down, indices, weights) is None
+    assert native.experts(x, up.detach().transpose(1, 2).contiguous().transpose(1, 2), down, indices, weights) is None
+
+
+def mamba_step_ref(mixer: Mamba2Mixer, proj: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, lo_hi):
+    """The decode step from the reference kernels, float64: returns (out [b, I], new conv, new ssm)."""
+    I, C, nh = mixer.inner, mixer.conv_dim, mixer.num_heads
+    P, N, G = mixer.head_dim, mixer.state_size, mixer.n_groups
+    proj = proj.to(f64)
+    z, xbc, dt = proj[:, :I], proj[:, I : I + C], proj[:, I + C :]
+    w = mixer.conv1d.weight.detach().to(f64).squeeze(1)
+    u, new_conv = causal_conv1d_ref(xbc[:, None], w, mixer.conv1d.bias.detach().to(f64), conv.to(f64))
+    u = F.silu(u[:, 0])
+    x, B, Cm = u[:, :I], u[:, I : I + G * N], u[:, I + G * N :]
+    delta = F.softplus(dt + mixer.dt_bias.detach().to(f64)).clamp(*lo_hi)
+    A = -torch.exp(mixer.A_log.detach().to(f64))
+    b = proj.shape[0]
+    xh = x.reshape(b, nh, P)
+    y, new_ssm = ssm_step_ref(ssm, xh, delta, A, B.reshape(b, G, N), Cm.reshape(b, G, N))
+    y = (y + xh * mixer.D.detach().to(f64)[:, None]).reshape(b, I)
+    g = (y * F.silu(z)).reshape(b, mixer.norm.groups, -1)
+    g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)
+    return mixer.norm.weight.detach().to(f64) * g.reshape(b, I), new_conv, new_ssm
+
+
+@needs_native
+@pytest.mark.parametrize("lo_hi", [(-math.inf, math.inf), (0.05, 0.4)])
+def test_mamba_step_matches_float64_on_scattered_slots(lo_hi):
+    cfg = small_config("M", mamba_num_heads=6, n_groups=3, ssm_state_size=12, mamba_head_dim=8, conv_kernel=4)
+    torch.manual_seed(1)
+    mixer = Mamba2Mixer(cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    S, b = 7, 3
+    slots = torch.tensor([5, 0, 3])
+    conv = torch.randn(S, mixer.conv_dim, mixer.kernel - 1, generator=g)
+    ssm = torch.randn(S, mixer.num_heads, mixer.head_dim, mixer.state_size, generator=g)
+    row = mixer.inner + mixer.conv_dim + mixer.num_heads
+    proj = torch.randn(b, row + 5, generator=g)[:, :row]  # rows with a stride, as a slice of in_proj's output
+    ref_out, ref_conv, ref_ssm = mamba_step_ref(mixer, proj, conv[slots], ssm[slots], lo_hi)
+    conv0, ssm0 = conv.clone(), ssm.clone()
+    with torch.inference_mode():
+        out = native.mamba_step(mixer, proj, slots, conv, ssm, lo_hi)
+    assert out is not None
+    assert_close_rel(out, ref_out, RTOL, "mamba step output")
+    assert_close_rel(conv[slots], ref_conv, RTOL, "conv window")
+    assert_close_rel(ssm[slots], ref_ssm, RTOL, "ssm state")
+    untouched = [i for i in range(S) if i not in slots.tolist()]
+    assert torch.equal(conv[untouched], conv0[untouched]) and torch.equal(ssm[untouched], ssm0[untouched])
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.library() is None and not native.available()
+        x, up, down, indices, weights = expert_inputs(2, 4, 2, 8, 16, seed=0)
+        assert native.experts(x, up, down, indices, weights) is None
+    finally:
+        monkeypatch.delenv("NEMOTRON3_NATIVE")
+        native.reset()
