@@ -16,9 +16,9 @@ import torch
 from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.kernels import native
-from nemotron3.model.attention import causal_attention
+from nemotron3.model.attention import Attention, causal_attention
 from nemotron3.model.mamba2 import MambaState
-from nemotron3.model.moe import Experts
+from nemotron3.model.moe import Experts, MoE
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 
@@ -37,7 +37,7 @@ def transpose_linear_storage(model: torch.nn.Module) -> None:
 
     F.linear then multiplies by a contiguous K×N matrix, which MKL streams much faster for the
     one-row GEMVs of decode: lm_head 32000×512 fp32 runs at 21 GB/s instead of 7.7 GB/s here
-    (benchmarks/notes); prefill GEMMs are unaffected. Values and shapes are unchanged.
+    (docs/benchmarks.md); prefill GEMMs are unaffected. Values and shapes are unchanged.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
@@ -58,6 +58,9 @@ class ModelRunner:
         self.kinds = model.config.layers_block_type
         if model.device.type == "cpu":
             transpose_linear_storage(model)
+            for module in model.modules():
+                if isinstance(module, (MoE, Attention)):
+                    module.fuse_projections()  # model/fused.py: one GEMV for matrices sharing an input
         # The decode recurrence is ~30 tiny element-wise ops per Mamba layer; inductor fuses them
         # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
         self.compile = compile

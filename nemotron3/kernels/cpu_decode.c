@@ -12,16 +12,57 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Σ a_i b_i with 16 independent partial sums: the compiler vectorises it without -ffast-math. */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
+/* out[v] = Σ_i a_i · b[v][i] for nb ≤ 4 vectors b[v]: one pass over `a` (a weight row) feeds every
+ * token, with nb independent accumulator chains. dot_fixed is inlined with a constant nb, so the
+ * accumulators live in registers. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __attribute__((always_inline)) void dot_fixed(const float *a, const float *const *b, const int nb,
+                                                            int64_t n, float *out) {
+    __m512 acc[4];
+    for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+    if (nb == 1) { /* one token: split the row over 4 chains instead, then fold them */
+        for (; i + 64 <= n; i += 64)
+            for (int c = 0; c < 4; c++)
+                acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16 * c), _mm512_loadu_ps(b[0] + i + 16 * c), acc[c]);
+        acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m512 av = _mm512_loadu_ps(a + i);
+        for (int v = 0; v < nb; v++) acc[v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[v] + i), acc[v]);
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 av = _mm512_maskz_loadu_ps(m, a + i);
+        for (int v = 0; v < nb; v++) acc[v] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, b[v] + i), acc[v]);
+    }
+    for (int v = 0; v < nb; v++) out[v] = _mm512_reduce_add_ps(acc[v]);
+}
+#else
+static inline __attribute__((always_inline)) void dot_fixed(const float *a, const float *const *b, const int nb,
+                                                            int64_t n, float *out) {
+    float acc[4][8] = {{0}};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int v = 0; v < nb; v++)
+            for (int j = 0; j < 8; j++) acc[v][j] += a[i + j] * b[v][i + j];
+    for (int v = 0; v < nb; v++) {
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++) s += acc[v][j];
+        for (int64_t r = i; r < n; r++) s += a[r] * b[v][r];
+        out[v] = s;
+    }
+}
+#endif
+
+static void dot_many(const float *a, const float *const *b, int nb, int64_t n, float *out) {
+    switch (nb) {
+    case 1: dot_fixed(a, b, 1, n, out); break;
+    case 2: dot_fixed(a, b, 2, n, out); break;
+    case 3: dot_fixed(a, b, 3, n, out); break;
+    default: dot_fixed(a, b, 4, n, out); break;
+    }
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -31,31 +72,32 @@ static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); 
 
 /* out[t] = Σ_{j<k} w[t,j] · down[e](relu(up[e] · x[t])²), e = idx[t,j].
  * x [T, L]; up [E, F, L]; down [E, L, F] (row-major, contiguous); idx [T, k] int64; w [T, k]; out [T, L].
- * Every expert row is read once per call: phase 1 splits the (active expert, F row) pairs over threads,
- * phase 2 the L output rows (each thread owns its rows, so no atomics). Returns 0, or -1 on a bad index. */
+ * The (token, slot) pairs are grouped by expert; phase 1 splits the (active expert, F row) pairs over the
+ * threads, phase 2 the (active expert, L row) pairs, so each thread streams whole stretches of expert
+ * matrices and each row is read once for all its tokens; phase 3 sums each token's k expert outputs in
+ * slot order. Returns 0, -1 on an index outside [0, E), -2 if scratch allocation fails. */
 int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const float *down, int64_t E, int64_t F,
                 const int64_t *idx, const float *w, int64_t k, float *out) {
     int64_t P = T * k;
     for (int64_t p = 0; p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
-    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *order = malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
+    size_t np = (size_t)(P > 0 ? P : 1);
+    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t)), *fill = calloc((size_t)E, sizeof(int64_t));
+    int64_t *order = malloc(np * sizeof(int64_t)), *where = malloc(np * sizeof(int64_t));
     int64_t *active = malloc((size_t)E * sizeof(int64_t));
-    float *h = malloc((size_t)(P > 0 ? P : 1) * (size_t)F * sizeof(float));
-    if (!start || !order || !active || !h) {
-        free(start); free(order); free(active); free(h);
-        return -2;
+    float *h = malloc(np * (size_t)F * sizeof(float)), *ys = malloc(np * (size_t)L * sizeof(float));
+    int rc = 0;
+    if (!start || !fill || !order || !where || !active || !h || !ys) {
+        rc = -2;
+        goto done;
     }
-    /* counting sort of the (token, slot) pairs by expert, stable (the order moe.py's argsort gives) */
+    /* counting sort of the pairs by expert: order[q] = pair at sorted position q, where[p] = its position */
     for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
     for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t *fill = calloc((size_t)E, sizeof(int64_t));
-    if (!fill) {
-        free(start); free(order); free(active); free(h);
-        return -2;
+    for (int64_t p = 0; p < P; p++) {
+        where[p] = start[idx[p]] + fill[idx[p]]++;
+        order[where[p]] = p;
     }
-    for (int64_t p = 0; p < P; p++) order[start[idx[p]] + fill[idx[p]]++] = p;
-    free(fill);
     int64_t n_active = 0;
     for (int64_t e = 0; e < E; e++)
         if (start[e + 1] > start[e]) active[n_active++] = e;
@@ -66,27 +108,39 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
         for (int64_t r = 0; r < n_active * F; r++) {
             int64_t e = active[r / F], f = r % F;
             const float *row = up + (e * F + f) * L;
-            for (int64_t q = start[e]; q < start[e + 1]; q++) {
-                float v = dot(row, x + (order[q] / k) * L, L);
-                v = v > 0.0f ? v : 0.0f;
-                h[q * F + f] = v * v;
+            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
+                int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
+                const float *xs[4];
+                float v[4];
+                for (int j = 0; j < nb; j++) xs[j] = x + (order[q0 + j] / k) * L;
+                dot_many(row, xs, nb, L, v);
+                for (int j = 0; j < nb; j++) h[(q0 + j) * F + f] = v[j] > 0.0f ? v[j] * v[j] : 0.0f;
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t l = 0; l < L; l++) {
-            for (int64_t t = 0; t < T; t++) out[t * L + l] = 0.0f;
-            for (int64_t a = 0; a < n_active; a++) {
-                int64_t e = active[a];
-                const float *row = down + (e * L + l) * F;
-                for (int64_t q = start[e]; q < start[e + 1]; q++) {
-                    int64_t p = order[q];
-                    out[(p / k) * L + l] += w[p] * dot(row, h + q * F, F);
-                }
+        for (int64_t r = 0; r < n_active * L; r++) {
+            int64_t e = active[r / L], l = r % L;
+            const float *row = down + (e * L + l) * F;
+            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
+                int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
+                const float *hs[4];
+                float v[4];
+                for (int j = 0; j < nb; j++) hs[j] = h + (q0 + j) * F;
+                dot_many(row, hs, nb, F, v);
+                for (int j = 0; j < nb; j++) ys[(q0 + j) * L + l] = v[j];
             }
         }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < T * L; r++) {
+            int64_t t = r / L, l = r % L;
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) acc += w[t * k + j] * ys[where[t * k + j] * L + l];
+            out[r] = acc;
+        }
     }
-    free(start); free(order); free(active); free(h);
-    return 0;
+done:
+    free(start); free(fill); free(order); free(where); free(active); free(h); free(ys);
+    return rc;
 }
 
 /* One Mamba-2 decode step for b sequences, each on its own state slot (research/architecture.md §5):

@@ -13,6 +13,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.kernels import native
+from nemotron3.model.fused import FusedWeights, fusable, stack_inputs, stack_outputs
 from nemotron3.model.mlp import MLP, relu2
 
 
@@ -76,9 +77,10 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts stacked as up_proj [E, F, L] and down_proj [E, L, F] (on disk: one tensor per expert)."""
 
-    # Up to this many tokens go to the fused kernel (each expert row read once, dot products over the
-    # tokens); more tokens make the per-expert loop's GEMMs the faster path (benchmarks/notes/experts.md).
-    native_max_tokens = 32
+    # Up to this many tokens go to the fused kernel (one call, each expert row read once for all its
+    # tokens). Measured on nemo50's experts (2 threads, weights cold): 1 token 0.12 vs 0.23 ms for the
+    # loop, 4 tokens 0.56 vs 0.80 ms; from 8 tokens MKL's GEMMs in the loop win (docs/benchmarks.md).
+    native_max_tokens = 4
 
     def __init__(self, num_experts: int, in_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -127,10 +129,49 @@ class MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 
+        self._fused: FusedWeights | None = None
+
+    def fuse_projections(self) -> bool:
+        """Inference layout (model/fused.py): router | fc1_latent | shared up read x, so they become one
+        [E + L + S, H] matrix (one GEMV per decode step instead of three); shared down and fc2_latent become
+        one [H, S + L] matrix applied to [relu²(shared) | routed], whose output is their sum. Latent MoE,
+        float32, bias-free only; returns whether it fused."""
+        if self.fc1_latent_proj is None:
+            return False
+        into, out_of = self._fusion_params()[:3], self._fusion_params()[3:]
+        biases = [m.bias for m in (self.fc1_latent_proj, self.fc2_latent_proj, self.shared_experts.up_proj)]
+        if not fusable(into + out_of, biases + [self.shared_experts.down_proj.bias]):
+            return False
+        self._fused = FusedWeights(self._fusion_params, stack_outputs(into), stack_inputs(out_of))
+        return True
+
+    def _fusion_params(self) -> list[torch.Tensor]:
+        s = self.shared_experts
+        return [self.gate.weight, self.fc1_latent_proj.weight, s.up_proj.weight, s.down_proj.weight, self.fc2_latent_proj.weight]
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """forward through the fused matrices; None while autograd records or after a parameter was replaced."""
+        if not self._fused.usable(x):
+            return None
+        w_in, w_out = self._fused.matrices
+        E, L = self.gate.weight.shape[0], self.fc1_latent_proj.weight.shape[0]
+        logits, latent, h = F.linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
+        g = self.gate
+        weights, indices = route(
+            logits, g.e_score_correction_bias, g.top_k, g.n_group, g.topk_group, g.norm_topk_prob,
+            g.routed_scaling_factor,
+        )  # fmt: skip
+        routed = self.experts(latent, weights, indices)
+        return F.linear(torch.cat([relu2(h), routed], dim=-1), w_out)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
+        if self._fused is not None:
+            out = self._fused_forward(x)
+            if out is not None:
+                return out.view(shape)
         weights, indices = self.gate(x)
         latent = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
         routed = self.experts(latent, weights, indices).to(hidden.dtype)

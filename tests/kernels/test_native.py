@@ -59,7 +59,7 @@ def expert_inputs(T, E, k, F_, L, seed):
 
 @needs_native
 @pytest.mark.parametrize(
-    ("T", "E", "k", "F_", "L"), [(1, 8, 2, 24, 32), (3, 16, 4, 40, 17), (8, 6, 6, 64, 48), (32, 16, 4, 33, 64)]
+    ("T", "E", "k", "F_", "L"), [(1, 8, 2, 24, 32), (1, 16, 4, 64, 96), (3, 16, 4, 40, 17), (8, 6, 6, 64, 48), (32, 16, 4, 33, 64)]
 )
 def test_experts_match_float64(T, E, k, F_, L):
     for seed in range(3):

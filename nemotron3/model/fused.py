@@ -1,0 +1,61 @@
+"""Shared storage for weight matrices that one GEMV can apply together (inference only).
+
+Matrices that read the same input (q/k/v; router, latent-down and shared-up) are stacked along their output
+rows; matrices whose outputs are summed (shared-down + latent-up) are stacked along their input columns and
+applied to the concatenated inputs. The storage is K-major (transposed), the layout MKL streams fastest for
+decode GEMVs (engine/runner.py, transpose_linear_storage), and every parameter becomes a view into it: values,
+names, state_dict and in-place updates are unchanged, and the fused matrix sees every in-place update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def stack_outputs(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Re-point weights [N_i, K] at one storage; returns the stacked [Σ N_i, K] matrix (a view)."""
+    with torch.no_grad():
+        store = torch.cat([w.t() for w in weights], dim=1).contiguous()  # [K, Σ N_i]
+        start = 0
+        for w in weights:
+            w.data = store[:, start : start + w.shape[0]].t()
+            start += w.shape[0]
+    return store.t()
+
+
+def stack_inputs(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Re-point weights [N, K_i] at one storage; returns the [N, Σ K_i] matrix that maps cat(inputs) to Σ outputs."""
+    with torch.no_grad():
+        store = torch.cat([w.t() for w in weights], dim=0).contiguous()  # [Σ K_i, N]
+        start = 0
+        for w in weights:
+            w.data = store[start : start + w.shape[1]].t()
+            start += w.shape[1]
+    return store.t()
+
+
+class FusedWeights:
+    """Fused matrices plus where their parameters' data lived when fused, to notice a replaced parameter.
+
+    `params` returns the module's current parameters (looked up on every check, so that assigning a new
+    Parameter or new `.data`, as load_state_dict(assign=True) does, is seen)."""
+
+    def __init__(self, params: Callable[[], list[torch.Tensor]], *matrices: torch.Tensor) -> None:
+        self.params = params
+        self.matrices = matrices
+        self._ptrs = [p.data_ptr() for p in params()]
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """True when no autograd is recording, x is float32, and no parameter was replaced since fusing."""
+        return (
+            not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and [p.data_ptr() for p in self.params()] == self._ptrs
+        )
+
+
+def fusable(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
+    """Only float32, bias-free matrices are fused (a fused router must stay float32 in every model dtype)."""
+    return all(w.dtype == torch.float32 for w in weights) and all(b is None for b in biases)
