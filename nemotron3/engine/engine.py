@@ -16,7 +16,7 @@ import torch
 from nemotron3.engine.cache import CacheConfig, HybridCache
 from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nemotron3.engine.runner import ModelRunner, Segment
-from nemotron3.engine.sampler import SamplingTensors, sample
+from nemotron3.engine.sampler import SampleResult, SamplingTensors, sample
 from nemotron3.engine.sampling_params import SamplingParams
 from nemotron3.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
@@ -201,6 +201,9 @@ class LLMEngine:
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
+        if all(_plain_greedy(s) for s in seqs):  # argmax only: no sampling tensors to build
+            self._append(seqs, logits.argmax(-1).tolist(), None)
+            return
         tensors = SamplingTensors.build(params, [s.generator for s in seqs], logits.device)
         for row, s in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not allowed yet
             if len(s.output_ids) < s.params.min_tokens:
@@ -217,10 +220,13 @@ class LLMEngine:
                     counts[row].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
                 prompt_mask[row, s.prompt_ids] = True
         result = sample(logits, tensors, counts, prompt_mask)
-        tokens = result.token_ids.tolist()
+        self._append(seqs, result.token_ids.tolist(), result)
+
+    def _append(self, seqs: list[Sequence], tokens: list[int], result: SampleResult | None) -> None:
+        """Append each sampled token, record logprobs, and check the stop conditions."""
         for row, (s, tok) in enumerate(zip(seqs, tokens)):
             s.output_ids.append(tok)
-            if result.logprobs is not None and s.params.logprobs is not None:
+            if result is not None and result.logprobs is not None and s.params.logprobs is not None:
                 self._record_logprobs(s, row, tok, result)
             self._check_stop(s, tok)
             if s.status is Status.FINISHED:
@@ -290,3 +296,17 @@ class LLMEngine:
         req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
         finished = all(s.status is Status.FINISHED for s in req.seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)
+
+
+def _plain_greedy(s: Sequence) -> bool:
+    """Greedy with nothing that reads or edits the logits: the token is the argmax."""
+    p = s.params
+    return (
+        p.temperature == 0.0
+        and p.logprobs is None
+        and not p.logits_processors
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and len(s.output_ids) >= p.min_tokens
+    )
