@@ -157,12 +157,18 @@ class HybridCache:
         """K and V of the first `length` tokens of a sequence: [nkv, length, d] (a view when blocks are consecutive)."""
         return self.plane_view(self.attn_index[layer], seq, length)
 
-    def plane_view(self, j: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_view by K/V plane index (main attention layers first, then the MTP planes)."""
+    def is_contiguous(self, seq: SeqCache, length: int) -> bool:
+        """Whether the blocks holding the first `length` tokens are consecutive ids (then K/V are a view)."""
         n_blocks = -(-length // self.block_size)
         first = seq.blocks[0]
-        if seq.blocks[:n_blocks] == list(range(first, first + n_blocks)):
-            start = first * self.block_size
+        return seq.blocks[n_blocks - 1] - first == n_blocks - 1 and seq.blocks[:n_blocks] == list(
+            range(first, first + n_blocks)
+        )
+
+    def plane_view(self, j: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_view by K/V plane index (main attention layers first, then the MTP planes)."""
+        if self.is_contiguous(seq, length):
+            start = seq.blocks[0] * self.block_size
             return self.k[j, :, start : start + length], self.v[j, :, start : start + length]
         idx = self.token_positions(seq, 0, length).to(self.k.device)
         return self.k[j].index_select(1, idx), self.v[j].index_select(1, idx)

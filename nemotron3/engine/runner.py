@@ -64,6 +64,7 @@ class ModelRunner:
         # The decode recurrence is ~30 tiny element-wise ops per Mamba layer; inductor fuses them
         # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
         self.compile = compile
+        self._tables: tuple | None = None  # this step's block tables for decode attention (_decode_attention)
         self.dt_ranges = {
             i: block.mixer.decode_dt_range() for i, block in enumerate(model.backbone.layers) if self.kinds[i] == MAMBA
         }
@@ -96,6 +97,7 @@ class ModelRunner:
         states [1, T, H] and the segment offsets. `mamba(layer, mixer, x, segments, offsets, n_dec)` runs
         the Mamba layers (plain decode/prefill here; the speculative runner keeps per-position states)."""
         device = self.model.device
+        self._tables = None
         ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
         offsets = [0]
         for s in segments:
@@ -169,10 +171,37 @@ class ModelRunner:
         q, k, v = attn.qkv(x)  # q [1, nq, T, d]; k, v [1, nkv, T, d]
         self.cache.k[j].index_copy_(1, write_idx, k[0])
         self.cache.v[j].index_copy_(1, write_idx, v[0])
-        outs = []
-        for n, s in enumerate(segments):
-            a, b = offsets[n], offsets[n + 1]
+        outs, first = [], 0
+        n_dec = 0  # leading one-token decode rows (speculative verify rows carry several tokens)
+        while n_dec < len(segments) and segments[n_dec].decode and offsets[n_dec + 1] - offsets[n_dec] == 1:
+            n_dec += 1
+        if n_dec > 1 or (n_dec == 1 and not self.cache.is_contiguous(segments[0].seq, segments[0].seq.num_tokens + 1)):
+            # (one sequence on consecutive blocks reads its keys as a view: torch's path is as fast there)
+            out = self._decode_attention(j, q[0, :, :n_dec].transpose(0, 1), segments[:n_dec])
+            if out is not None:
+                outs.append(out.transpose(0, 1)[None])  # [1, nq, n_dec, d]
+                first = n_dec
+        for n in range(first, len(segments)):
+            s, a, b = segments[n], offsets[n], offsets[n + 1]
             keys, values = self.cache.kv_view(layer, s.seq, s.seq.num_tokens + (b - a))
             outs.append(causal_attention(q[:, :, a:b], keys[None], values[None]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return attn.output(out)
+
+    def _decode_attention(self, plane: int, q: torch.Tensor, decoding: list[Segment]) -> torch.Tensor | None:
+        """All decode rows' attention in one native call that reads K/V through the block tables (no gather).
+
+        q: [n, nq, d]. Returns [n, nq, d], or None where the kernel cannot run (then each row runs alone).
+        The block-table tensors are built once per step and shared by every attention layer."""
+        if self._tables is None:
+            tables, offsets, lengths = [], [], []
+            bs = self.cache.block_size
+            for s in decoding:
+                n_keys = s.seq.num_tokens + 1
+                offsets.append(len(tables))
+                tables += s.seq.blocks[: -(-n_keys // bs)]
+                lengths.append(n_keys)
+            self._tables = (torch.tensor(tables), torch.tensor(offsets), torch.tensor(lengths))
+        tables, offsets, lengths = self._tables
+        k, v = self.cache.k[plane], self.cache.v[plane]
+        return native.decode_attention(q, k, v, tables, offsets, lengths, self.cache.block_size)

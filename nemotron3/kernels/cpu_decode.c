@@ -3,6 +3,7 @@
  * Two steps of a decode forward that torch runs as dozens of ~1 us ops each, fused into one call:
  *   nm3_experts     routed LatentMoE experts for a few tokens: Σ_j w_j · down_e(relu(up_e x)²)
  *   nm3_mamba_step  the Mamba-2 recurrence step between in_proj and out_proj, on pooled state slots
+ *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
  * Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes. The library links the libgomp.so.1 that torch has already loaded, so both share one OpenMP pool
  * and torch.set_num_threads applies here too. The math mirrors nemotron3/model/moe.py and mamba2.py
@@ -64,6 +65,46 @@ static void dot_many(const float *a, const float *const *b, int nb, int64_t n, f
     default: dot_fixed(a, b, 4, n, out); break;
     }
 }
+
+/* x[i] ← exp(x[i] − m) for i < n; returns Σ x[i]. */
+#if defined(__AVX512F__)
+/* e^x for x ≤ 0 (softmax after subtracting the max): x = n·ln2 + r, |r| ≤ ln2/2, e^r by its degree-6 Taylor
+ * polynomial (truncation r⁷/7! ≤ 1.2e-7 relative), scaled by 2^n. Inputs below −87 flush to e^−87 ≈ 1.6e-38. */
+static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 = hi + lo, hi exact */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static float exp_sub_sum(float *x, int64_t n, float m) {
+    __m512 mv = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += (x[i] = expf(x[i] - m));
+    return s;
+}
+#else
+static float exp_sub_sum(float *x, int64_t n, float m) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += (x[i] = expf(x[i] - m));
+    return s;
+}
+#endif
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
@@ -205,4 +246,59 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
             for (int64_t i = 0; i < gsize; i++) out[off + i] = norm_w[off - s * I + i] * (out[off + i] * scale);
         }
     }
+}
+
+/* out = softmax(q·Kᵀ·scale)·V for n decoding sequences, each one query row of nq heads, GQA (head j reads KV
+ * head j / (nq/nkv)). q [n, nq, d]; k_plane, v_plane [nkv, tokens, d], the pool of one attention layer; sequence
+ * s has lens[s] keys at block ids tables[table_off[s] ...] (key t at row tables[t / bs]·bs + t % bs).
+ * out [n, nq, d]. Work items (sequence, KV head) run in parallel; each reads its keys and values once for all
+ * its query heads: scores, a softmax along keys, then the value sum. Returns 0, or -2 if scratch fails. */
+int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const float *v_plane, int64_t tokens,
+                         const int64_t *tables, const int64_t *table_off, const int64_t *lens, int64_t bs, int64_t nq,
+                         int64_t nkv, int64_t d, float scale, float *out) {
+    int64_t g = nq / nkv;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n * nkv; it++) {
+        int64_t s = it / nkv, hk = it % nkv, L = lens[s];
+        const int64_t *tab = tables + table_off[s];
+        const float *kb = k_plane + hk * tokens * d, *vb = v_plane + hk * tokens * d;
+        const float *qh = q + (s * nq + hk * g) * d;
+        float *sc = malloc((size_t)(L > 0 ? L : 1) * (size_t)g * sizeof(float)); /* scores [g][L] */
+        float *acc = calloc((size_t)(g * d), sizeof(float));
+        if (!sc || !acc) {
+            free(sc); free(acc);
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const float *key = kb + (tab[t / bs] * bs + t % bs) * d;
+            for (int64_t j0 = 0; j0 < g; j0 += 4) {
+                int nb = g - j0 < 4 ? (int)(g - j0) : 4;
+                const float *qs[4];
+                float v[4];
+                for (int j = 0; j < nb; j++) qs[j] = qh + (j0 + j) * d;
+                dot_many(key, qs, nb, d, v);
+                for (int j = 0; j < nb; j++) sc[(j0 + j) * L + t] = v[j] * scale;
+            }
+        }
+        for (int64_t j = 0; j < g; j++) {
+            float *row = sc + j * L, m = -INFINITY;
+            for (int64_t t = 0; t < L; t++) m = row[t] > m ? row[t] : m;
+            float inv = 1.0f / exp_sub_sum(row, L, m);
+            for (int64_t t = 0; t < L; t++) row[t] *= inv;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const float *val = vb + (tab[t / bs] * bs + t % bs) * d;
+            for (int64_t j = 0; j < g; j++) {
+                float p = sc[j * L + t], *a = acc + j * d;
+                for (int64_t c = 0; c < d; c++) a[c] += p * val[c];
+            }
+        }
+        for (int64_t j = 0; j < g; j++)
+            for (int64_t c = 0; c < d; c++) out[(s * nq + hk * g + j) * d + c] = acc[j * d + c];
+        free(sc); free(acc);
+    }
+    return failed ? -2 : 0;
 }

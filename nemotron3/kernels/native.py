@@ -38,6 +38,7 @@ _SIGNATURES = {
         None,
         [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p],
     ),
+    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p]),
 }
 
 
@@ -179,4 +180,30 @@ def mamba_step(
         mixer.kernel, nh, P, N, mixer.n_groups, mixer.norm.groups, dt_range[0], dt_range[1], mixer.norm.eps,
         u.data_ptr(), out.data_ptr(),
     )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k_plane: torch.Tensor, v_plane: torch.Tensor, tables: torch.Tensor, table_offsets: torch.Tensor,
+    lengths: torch.Tensor, block_size: int,
+) -> torch.Tensor | None:  # fmt: skip
+    """One-query attention for n decoding sequences straight from the paged pool: [n, nq, d], or None.
+
+    q: [n, nq, d]; k_plane, v_plane: [nkv, tokens, d] (one layer's pool, contiguous); tables: int64, every
+    sequence's block ids back to back, sequence s's starting at table_offsets[s]; lengths: [n] keys per
+    sequence (the new token's K/V already written). Scale 1/√d, softmax in float32.
+    """
+    lib = library()
+    if lib is None or not _usable(q, k_plane, v_plane) or not (k_plane.is_contiguous() and v_plane.is_contiguous()):
+        return None
+    q = q.contiguous()
+    n, nq, d = q.shape
+    nkv, tokens, _ = k_plane.shape
+    out = torch.empty(n, nq, d, dtype=torch.float32)
+    rc = lib.nm3_decode_attention(
+        n, q.data_ptr(), k_plane.data_ptr(), v_plane.data_ptr(), tokens, tables.data_ptr(), table_offsets.data_ptr(),
+        lengths.data_ptr(), block_size, nq, nkv, d, d**-0.5, out.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_decode_attention: scratch allocation failed")
     return out

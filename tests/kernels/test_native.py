@@ -5,6 +5,8 @@ the kernel's own float32 arithmetic (unit roundoff u = 2^-24 ≈ 6e-8).
 * Experts: two chained dot products of ≤ 64 terms and a weighted sum over k ≤ 4 experts. A length-n float32
   dot has relative error ≲ √n·u in practice (≈ 5e-7 at n = 64); measured ≤ 3e-7 relative L2. We allow
   2e-6 (relative L2) and 10× that on the relative max. A wrong expert, slot weight or row gives errors ~1.
+* Decode attention: d-term score dots, a softmax whose exponentials come from a degree-6 polynomial (≤ 1.2e-7
+  relative truncation, plus rounding), and a value sum over ≤ 700 keys: measured ≤ 4e-7 relative; we allow 2e-6.
 * Mamba step: a K-tap conv, softplus/exp, an n-term dot for y and a group RMS norm: measured ≤ 3e-7
   relative; we allow 2e-6 on the output and on both updated state pools.
 """
@@ -22,7 +24,7 @@ from nemotron3.kernels import native
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import Experts
 from tests.model.helpers import small_config
-from tests.model.reference import causal_conv1d_ref, ssm_step_ref
+from tests.model.reference import attention_ref, causal_conv1d_ref, ssm_step_ref
 from tests.model.test_kernels import assert_close_rel
 
 RTOL = 2e-6
@@ -160,3 +162,31 @@ def test_disabled_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv("NEMOTRON3_NATIVE")
         native.reset()
+
+
+@needs_native
+@pytest.mark.parametrize(("nq", "nkv", "d"), [(8, 2, 64), (6, 1, 12), (12, 4, 20), (64, 2, 16)])
+def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d):
+    """Sequences of different lengths whose blocks are out of order and interleaved in the pool."""
+    g = torch.Generator().manual_seed(nq + d)
+    bs, n_blocks = 4, 400
+    k_plane = torch.randn(nkv, n_blocks * bs, d, generator=g)
+    v_plane = torch.randn(nkv, n_blocks * bs, d, generator=g)
+    lengths = [1, 7, 33, 700]
+    perm = torch.randperm(n_blocks, generator=g).tolist()
+    tables, offsets, start = [], [], 0
+    for n_keys in lengths:
+        blocks = perm[start : start + -(-n_keys // bs)]
+        start += len(blocks)
+        offsets.append(len(tables))
+        tables += blocks
+    q = torch.randn(len(lengths), nq, d, generator=g) * 2.0
+    out = native.decode_attention(
+        q, k_plane, v_plane, torch.tensor(tables), torch.tensor(offsets), torch.tensor(lengths), bs
+    )
+    assert out is not None
+    for s, n_keys in enumerate(lengths):
+        blocks = tables[offsets[s] : offsets[s] + -(-n_keys // bs)]
+        rows = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n_keys)])
+        ref = attention_ref(q[s][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
+        assert_close_rel(out[s], ref, RTOL, f"sequence {s} ({n_keys} keys)")
