@@ -184,6 +184,40 @@ done:
     return rc;
 }
 
+/* The LatentMoE router (moe.py `route`, ungrouped: n_group = 1) then nm3_experts, in one call.
+ * logits: [T, E] rows `stride` floats apart; score = sigmoid(logit); the top k of score + bias[e] are chosen
+ * (the bias steers the choice only); weights = score / (Σ score + 1e-20 if norm) · scale. idx [T, k] int64 and
+ * w [T, k] receive the choice (slot order: descending score + bias). Returns nm3_experts' code. */
+int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
+                      int64_t *idx, float *w, const float *x, int64_t T, int64_t L, const float *up, const float *down,
+                      int64_t E, int64_t F, float *out) {
+    float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
+    if (!score || !choice) {
+        free(score); free(choice);
+        return -2;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t e = 0; e < E; e++) {
+            score[e] = 1.0f / (1.0f + expf(-logits[t * stride + e]));
+            choice[e] = score[e] + bias[e];
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; j++) { /* k passes of arg-max: k·E comparisons */
+            int64_t best = 0;
+            for (int64_t e = 1; e < E; e++)
+                if (choice[e] > choice[best]) best = e;
+            idx[t * k + j] = best;
+            w[t * k + j] = score[best];
+            total += score[best];
+            choice[best] = -INFINITY;
+        }
+        float mul = norm ? scale / (total + 1e-20f) : scale;
+        for (int64_t j = 0; j < k; j++) w[t * k + j] *= mul;
+    }
+    free(score); free(choice);
+    return nm3_experts(x, T, L, up, down, E, F, idx, w, k, out);
+}
+
 /* One Mamba-2 decode step for b sequences, each on its own state slot (research/architecture.md §5):
  *   conv: window = [conv_state | xbc]; u = silu(Σ_j w[c,j] window[c,j] + bias[c]); state ← window[1:]
  *   Δ = clamp(softplus(dt + dt_bias), lo, hi); S ← exp(Δ·A)·S + (Δ·x) ⊗ B; y = S·C + D·x   (A = −exp(A_log))

@@ -38,6 +38,7 @@ _SIGNATURES = {
         None,
         [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p],
     ),
+    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, ctypes.c_int, _f, _p, _p, _p, _i, _i, _p, _p, _i, _i, _p]),
     "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p]),
 }
 
@@ -143,6 +144,37 @@ def experts(
         raise ValueError(f"expert index out of range [0, {E}): {indices.min().item()}..{indices.max().item()}")
     if rc != 0:
         raise MemoryError("nm3_experts: allocation failed")
+    return out
+
+
+def route_experts(
+    logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float, x: torch.Tensor,
+    up: torch.Tensor, down: torch.Tensor,
+) -> torch.Tensor | None:  # fmt: skip
+    """moe.route (n_group = 1) then `experts`, in one call: [T, L] float32, or None when the kernel cannot run.
+
+    logits: [T, E] router logits (rows may be strided, e.g. a slice of a fused projection); bias: [E] float32.
+    """
+    lib = library()
+    if (
+        lib is None
+        or not _usable(logits, bias, x, up, down)
+        or logits.stride(-1) != 1
+        or not (up.is_contiguous() and down.is_contiguous() and bias.is_contiguous())
+    ):
+        return None
+    x = x.contiguous()
+    T, L = x.shape
+    E, F_, _ = up.shape
+    idx = torch.empty(T, top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    out = torch.empty(T, L, dtype=torch.float32)
+    rc = lib.nm3_route_experts(
+        logits.data_ptr(), logits.stride(0), bias.data_ptr(), top_k, int(norm_topk_prob), scaling, idx.data_ptr(),
+        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, out.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_route_experts: allocation failed")
     return out
 
 

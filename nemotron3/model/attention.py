@@ -91,12 +91,10 @@ class Attention(nn.Module):
 
     def fuse_projections(self) -> bool:
         """Inference layout (model/fused.py): q, k and v as one [nq·d + 2·nkv·d, H] matrix, one GEMV per step."""
-        def params() -> list[torch.Tensor]:
-            return [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-
-        if not fusable(params(), [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]):
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if not fusable([m.weight for m in projections], [m.bias for m in projections]):
             return False
-        self._fused = FusedWeights(params, stack_outputs(params()))
+        self._fused = FusedWeights([(m, "weight") for m in projections], stack_outputs([m.weight for m in projections]))
         return True
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVState:

@@ -9,9 +9,8 @@ names, state_dict and in-place updates are unchanged, and the fused matrix sees 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+from torch import nn
 
 
 def stack_outputs(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -39,21 +38,20 @@ def stack_inputs(weights: list[torch.Tensor]) -> torch.Tensor:
 class FusedWeights:
     """Fused matrices plus where their parameters' data lived when fused, to notice a replaced parameter.
 
-    `params` returns the module's current parameters (looked up on every check, so that assigning a new
-    Parameter or new `.data`, as load_state_dict(assign=True) does, is seen)."""
+    `owners` are (module, parameter name) pairs; the check reads each module's current parameter, so that
+    assigning a new Parameter or new `.data` (load_state_dict(assign=True) does) turns the fusion off."""
 
-    def __init__(self, params: Callable[[], list[torch.Tensor]], *matrices: torch.Tensor) -> None:
-        self.params = params
+    def __init__(self, owners: list[tuple[nn.Module, str]], *matrices: torch.Tensor) -> None:
+        self.owners = owners
         self.matrices = matrices
-        self._ptrs = [p.data_ptr() for p in params()]
+        self._ptrs = self._current()
+
+    def _current(self) -> list[int]:
+        return [module._parameters[name].data_ptr() for module, name in self.owners]
 
     def usable(self, x: torch.Tensor) -> bool:
         """True when no autograd is recording, x is float32, and no parameter was replaced since fusing."""
-        return (
-            not torch.is_grad_enabled()
-            and x.dtype == torch.float32
-            and [p.data_ptr() for p in self.params()] == self._ptrs
-        )
+        return not torch.is_grad_enabled() and x.dtype == torch.float32 and self._current() == self._ptrs
 
 
 def fusable(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:

@@ -138,16 +138,16 @@ class MoE(nn.Module):
         float32, bias-free only; returns whether it fused."""
         if self.fc1_latent_proj is None:
             return False
-        into, out_of = self._fusion_params()[:3], self._fusion_params()[3:]
+        owners = [
+            (self.gate, "weight"), (self.fc1_latent_proj, "weight"), (self.shared_experts.up_proj, "weight"),
+            (self.shared_experts.down_proj, "weight"), (self.fc2_latent_proj, "weight"),
+        ]  # fmt: skip
+        into, out_of = [m.weight for m, _ in owners[:3]], [m.weight for m, _ in owners[3:]]
         biases = [m.bias for m in (self.fc1_latent_proj, self.fc2_latent_proj, self.shared_experts.up_proj)]
         if not fusable(into + out_of, biases + [self.shared_experts.down_proj.bias]):
             return False
-        self._fused = FusedWeights(self._fusion_params, stack_outputs(into), stack_inputs(out_of))
+        self._fused = FusedWeights(owners, stack_outputs(into), stack_inputs(out_of))
         return True
-
-    def _fusion_params(self) -> list[torch.Tensor]:
-        s = self.shared_experts
-        return [self.gate.weight, self.fc1_latent_proj.weight, s.up_proj.weight, s.down_proj.weight, self.fc2_latent_proj.weight]
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """forward through the fused matrices; None while autograd records or after a parameter was replaced."""
@@ -157,12 +157,23 @@ class MoE(nn.Module):
         E, L = self.gate.weight.shape[0], self.fc1_latent_proj.weight.shape[0]
         logits, latent, h = F.linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
         g = self.gate
+        routed = None
+        if g.n_group == 1 and x.shape[0] <= self.experts.native_max_tokens:  # routing + experts: one native call
+            routed = native.route_experts(
+                logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob, g.routed_scaling_factor, latent,
+                self.experts.up_proj, self.experts.down_proj,
+            )  # fmt: skip
+        if routed is None:
+            routed = self._route_and_run(logits, latent)
+        return F.linear(torch.cat([relu2(h), routed], dim=-1), w_out)
+
+    def _route_and_run(self, logits: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        g = self.gate
         weights, indices = route(
             logits, g.e_score_correction_bias, g.top_k, g.n_group, g.topk_group, g.norm_topk_prob,
             g.routed_scaling_factor,
         )  # fmt: skip
-        routed = self.experts(latent, weights, indices)
-        return F.linear(torch.cat([relu2(h), routed], dim=-1), w_out)
+        return self.experts(latent, weights, indices)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]

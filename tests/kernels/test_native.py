@@ -24,7 +24,7 @@ from nemotron3.kernels import native
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import Experts
 from tests.model.helpers import small_config
-from tests.model.reference import attention_ref, causal_conv1d_ref, ssm_step_ref
+from tests.model.reference import attention_ref, causal_conv1d_ref, route_ref, ssm_step_ref
 from tests.model.test_kernels import assert_close_rel
 
 RTOL = 2e-6
@@ -85,6 +85,21 @@ def test_experts_module_takes_the_kernel_and_agrees_with_its_torch_loop():
         mod.native_max_tokens = 0
         looped = mod(x, weights, indices)
     assert_close_rel(fused, looped.double(), RTOL, "kernel vs loop")
+
+
+@needs_native
+@pytest.mark.parametrize(("norm", "scale"), [(True, 2.5), (False, 1.0)])
+def test_route_experts_matches_float64_router_and_experts(norm, scale):
+    """Routing in the kernel: same experts as the float64 router (bias steers the choice, not the weights)."""
+    T, E, k, F_, L = 4, 16, 4, 40, 24
+    x, up, down, _, _ = expert_inputs(T, E, k, F_, L, seed=7)
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(T, E + 9, generator=g)[:, 3 : 3 + E]  # strided rows, as a slice of the fused GEMV
+    bias = torch.rand(E, generator=g) * 0.2 - 0.1
+    out = native.route_experts(logits, bias, k, norm, scale, x, up, down)
+    w_ref, i_ref = route_ref(logits, bias, k, 1, 1, norm, scale)
+    assert out is not None
+    assert_close_rel(out, experts_ref(x, up, down, i_ref, w_ref), RTOL, f"route+experts norm={norm}")
 
 
 @needs_native
