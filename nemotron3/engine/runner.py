@@ -108,16 +108,24 @@ class ModelRunner:
                 [self.cache.token_positions(s.seq, s.seq.num_tokens, len(s.tokens)) for s in segments]
             ).to(device)
         backbone = self.model.backbone
+        layers = backbone.layers
         hidden = backbone.embeddings(ids)[None]
-        for i, block in enumerate(backbone.layers):
-            x = block.norm(hidden)
+        x = layers[0].norm(hidden)
+        for i, block in enumerate(layers):
             if self.kinds[i] == MAMBA:
                 out = mamba(i, block.mixer, x, segments, offsets, n_dec)
             elif self.kinds[i] == ATTENTION:
                 out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
             else:
                 out = block.mixer(x)
-            hidden = hidden + out
+            if i + 1 == len(layers):
+                hidden = hidden + out
+                break
+            norm = layers[i + 1].norm  # the residual add and the next block's norm: one native call
+            x = native.add_rms_norm(hidden, out, norm.weight, norm.eps)
+            if x is None:
+                hidden = hidden + out
+                x = norm(hidden)
         return hidden, offsets
 
     def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):

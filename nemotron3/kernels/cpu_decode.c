@@ -4,7 +4,9 @@
  *   nm3_experts     routed LatentMoE experts for a few tokens: Σ_j w_j · down_e(relu(up_e x)²)
  *   nm3_mamba_step  the Mamba-2 recurrence step between in_proj and out_proj, on pooled state slots
  *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
- * Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
+ *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
+ * Every kernel takes the thread count (torch.get_num_threads(), so the engine thread of a server uses
+ * the same count as the main thread). Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes. The library links the libgomp.so.1 that torch has already loaded, so both share one OpenMP pool
  * and torch.set_num_threads applies here too. The math mirrors nemotron3/model/moe.py and mamba2.py
  * exactly; tests/kernels/test_native.py checks both against float64 references.
@@ -118,7 +120,7 @@ static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); 
  * matrices and each row is read once for all its tokens; phase 3 sums each token's k expert outputs in
  * slot order. Returns 0, -1 on an index outside [0, E), -2 if scratch allocation fails. */
 int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const float *down, int64_t E, int64_t F,
-                const int64_t *idx, const float *w, int64_t k, float *out) {
+                const int64_t *idx, const float *w, int64_t k, float *out, int nthreads) {
     int64_t P = T * k;
     for (int64_t p = 0; p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
@@ -143,7 +145,7 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
     for (int64_t e = 0; e < E; e++)
         if (start[e + 1] > start[e]) active[n_active++] = e;
 
-#pragma omp parallel
+#pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n_active * F; r++) {
@@ -190,7 +192,7 @@ done:
  * w [T, k] receive the choice (slot order: descending score + bias). Returns nm3_experts' code. */
 int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
                       int64_t *idx, float *w, const float *x, int64_t T, int64_t L, const float *up, const float *down,
-                      int64_t E, int64_t F, float *out) {
+                      int64_t E, int64_t F, float *out, int nthreads) {
     float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
     if (!score || !choice) {
         free(score); free(choice);
@@ -215,7 +217,7 @@ int nm3_route_experts(const float *logits, int64_t stride, const float *bias, in
         for (int64_t j = 0; j < k; j++) w[t * k + j] *= mul;
     }
     free(score); free(choice);
-    return nm3_experts(x, T, L, up, down, E, F, idx, w, k, out);
+    return nm3_experts(x, T, L, up, down, E, F, idx, w, k, out, nthreads);
 }
 
 /* One Mamba-2 decode step for b sequences, each on its own state slot (research/architecture.md §5):
@@ -229,9 +231,9 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
                     int64_t row_stride, float *conv_pool, float *ssm_pool, const float *conv_w,
                     const float *conv_b, const float *dt_bias, const float *A_log, const float *D,
                     const float *norm_w, int64_t C, int64_t K, int64_t nh, int64_t P, int64_t N, int64_t G,
-                    int64_t norm_groups, float dt_lo, float dt_hi, float eps, float *u, float *out) {
+                    int64_t norm_groups, float dt_lo, float dt_hi, float eps, float *u, float *out, int nthreads) {
     int64_t I = nh * P, hpg = nh / G, gsize = I / norm_groups;
-#pragma omp parallel
+#pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < b * C; r++) {
@@ -289,10 +291,10 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
  * its query heads: scores, a softmax along keys, then the value sum. Returns 0, or -2 if scratch fails. */
 int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const float *v_plane, int64_t tokens,
                          const int64_t *tables, const int64_t *table_off, const int64_t *lens, int64_t bs, int64_t nq,
-                         int64_t nkv, int64_t d, float scale, float *out) {
+                         int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
     int64_t g = nq / nkv;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t it = 0; it < n * nkv; it++) {
         int64_t s = it / nkv, hk = it % nkv, L = lens[s];
         const int64_t *tab = tables + table_off[s];
@@ -335,4 +337,22 @@ int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const 
         free(sc); free(acc);
     }
     return failed ? -2 : 0;
+}
+
+/* h ← h + delta (the residual stream, in place); out = w ⊙ h / sqrt(mean(h²) + eps) per row of H (RMSNorm,
+ * norm.py). h, delta, out: [rows, H] contiguous. */
+void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, int64_t rows, int64_t H, float *out,
+                      int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(rows > 1 ? nthreads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float *hr = h + r * H, *o = out + r * H;
+        const float *dr = delta + r * H;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < H; i++) {
+            hr[i] += dr[i];
+            ss += hr[i] * hr[i];
+        }
+        float scale = 1.0f / sqrtf(ss / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (hr[i] * scale);
+    }
 }

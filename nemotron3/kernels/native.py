@@ -31,15 +31,16 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
-_p, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_p, _i, _f, _n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _i, _i, _p, _p, _i, _p]),
+    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _i, _i, _p, _p, _i, _p, _n]),
     "nm3_mamba_step": (
         None,
-        [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p],
+        [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p, _n],
     ),
-    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, ctypes.c_int, _f, _p, _p, _p, _i, _i, _p, _p, _i, _i, _p]),
-    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p]),
+    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _i, _i, _p, _n]),
+    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
+    "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
 }
 
 
@@ -138,7 +139,7 @@ def experts(
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_experts(
         x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, indices.data_ptr(), weights.data_ptr(),
-        indices.shape[1], out.data_ptr(),
+        indices.shape[1], out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         raise ValueError(f"expert index out of range [0, {E}): {indices.min().item()}..{indices.max().item()}")
@@ -171,7 +172,7 @@ def route_experts(
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_route_experts(
         logits.data_ptr(), logits.stride(0), bias.data_ptr(), top_k, int(norm_topk_prob), scaling, idx.data_ptr(),
-        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, out.data_ptr(),
+        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("nm3_route_experts: allocation failed")
@@ -210,7 +211,7 @@ def mamba_step(
         ssm_pool.data_ptr(), conv_w.data_ptr(), bias.data_ptr() if bias is not None else None,
         mixer.dt_bias.data_ptr(), mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(), C,
         mixer.kernel, nh, P, N, mixer.n_groups, mixer.norm.groups, dt_range[0], dt_range[1], mixer.norm.eps,
-        u.data_ptr(), out.data_ptr(),
+        u.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -234,8 +235,29 @@ def decode_attention(
     out = torch.empty(n, nq, d, dtype=torch.float32)
     rc = lib.nm3_decode_attention(
         n, q.data_ptr(), k_plane.data_ptr(), v_plane.data_ptr(), tokens, tables.data_ptr(), table_offsets.data_ptr(),
-        lengths.data_ptr(), block_size, nq, nkv, d, d**-0.5, out.data_ptr(),
+        lengths.data_ptr(), block_size, nq, nkv, d, d**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("nm3_decode_attention: scratch allocation failed")
+    return out
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """hidden += delta in place, then RMSNorm(hidden) with `weight`: the residual add and the next block's
+    norm as one call. hidden, delta: [..., H] float32 contiguous. Returns the normed tensor, or None (nothing
+    was changed) when the kernel cannot run."""
+    lib = library()
+    if (
+        lib is None
+        or not _usable(hidden, delta, weight)
+        or not (hidden.is_contiguous() and delta.is_contiguous() and weight.is_contiguous())
+        or hidden.shape != delta.shape
+    ):
+        return None
+    H = hidden.shape[-1]
+    out = torch.empty_like(hidden)
+    lib.nm3_add_rms_norm(
+        hidden.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, hidden.numel() // H, H, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
     return out

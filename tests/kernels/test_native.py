@@ -205,3 +205,18 @@ def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d):
         rows = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n_keys)])
         ref = attention_ref(q[s][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
         assert_close_rel(out[s], ref, RTOL, f"sequence {s} ({n_keys} keys)")
+
+
+@needs_native
+def test_add_rms_norm_updates_the_residual_and_normalises_like_float64():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, 5, 48, generator=g)
+    delta = torch.randn(1, 5, 48, generator=g)
+    weight = torch.randn(48, generator=g)
+    want_h = hidden.double() + delta.double()
+    want = weight.double() * want_h / torch.sqrt(want_h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = native.add_rms_norm(hidden, delta, weight, 1e-5)
+    assert out is not None
+    assert_close_rel(hidden, want_h, RTOL, "residual stream")
+    assert_close_rel(out, want, RTOL, "normed")
+    assert native.add_rms_norm(hidden, delta[:, :4], weight, 1e-5) is None  # mismatched shapes: declined
