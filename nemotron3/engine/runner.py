@@ -65,6 +65,7 @@ class ModelRunner:
         # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
         self.compile = compile
         self._tables: tuple | None = None  # this step's block tables for decode attention (_decode_attention)
+        self._slots: torch.Tensor | None = None  # this step's decode rows' state slots (_mamba_decode)
         self.dt_ranges = {
             i: block.mixer.decode_dt_range() for i, block in enumerate(model.backbone.layers) if self.kinds[i] == MAMBA
         }
@@ -97,7 +98,7 @@ class ModelRunner:
         states [1, T, H] and the segment offsets. `mamba(layer, mixer, x, segments, offsets, n_dec)` runs
         the Mamba layers (plain decode/prefill here; the speculative runner keeps per-position states)."""
         device = self.model.device
-        self._tables = None
+        self._tables = self._slots = None
         ids = torch.tensor([t for s in segments for t in s.tokens], dtype=torch.long, device=device)
         offsets = [0]
         for s in segments:
@@ -148,7 +149,9 @@ class ModelRunner:
         n = len(decoding)
         slots = [s.seq.slot for s in decoding]
         if not self.compile:
-            y = native.mamba_step(mixer, proj[0, :n], torch.tensor(slots), conv, ssm, self.dt_ranges[layer])
+            if self._slots is None:  # once per step, shared by every Mamba layer
+                self._slots = torch.tensor(slots)
+            y = native.mamba_step(mixer, proj[0, :n], self._slots, conv, ssm, self.dt_ranges[layer])
             if y is not None:
                 return y[None]
         first = slots[0]

@@ -220,6 +220,28 @@ int nm3_route_experts(const float *logits, int64_t stride, const float *bias, in
     return nm3_experts(x, T, L, up, down, E, F, idx, w, k, out, nthreads);
 }
 
+/* One row of the state: S ← decay·S + dx·B, returns S·C (n = N terms, vectorised across n). */
+static inline float ssm_row(float *S, float decay, float dx, const float *B, const float *C, int64_t N) {
+#if defined(__AVX512F__)
+    __m512 dv = _mm512_set1_ps(decay), xv = _mm512_set1_ps(dx), acc = _mm512_setzero_ps();
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+        __m512 sv = _mm512_fmadd_ps(_mm512_loadu_ps(S + n), dv, _mm512_mul_ps(xv, _mm512_loadu_ps(B + n)));
+        _mm512_storeu_ps(S + n, sv);
+        acc = _mm512_fmadd_ps(sv, _mm512_loadu_ps(C + n), acc);
+    }
+    float y = _mm512_reduce_add_ps(acc);
+#else
+    float y = 0.0f;
+    int64_t n = 0;
+#endif
+    for (; n < N; n++) {
+        S[n] = S[n] * decay + dx * B[n];
+        y += S[n] * C[n];
+    }
+    return y;
+}
+
 /* One Mamba-2 decode step for b sequences, each on its own state slot (research/architecture.md §5):
  *   conv: window = [conv_state | xbc]; u = silu(Σ_j w[c,j] window[c,j] + bias[c]); state ← window[1:]
  *   Δ = clamp(softplus(dt + dt_bias), lo, hi); S ← exp(Δ·A)·S + (Δ·x) ⊗ B; y = S·C + D·x   (A = −exp(A_log))
@@ -258,15 +280,8 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
             const float *us = u + s * C;
             const float *xh = us + hd * P, *Bg = us + I + g * N, *Cg = us + I + G * N + g * N;
             float *S = ssm_pool + (slots[s] * nh + hd) * P * N;
-            for (int64_t p = 0; p < P; p++) {
-                float dx = delta * xh[p], acc = 0.0f;
-                float *Sp = S + p * N;
-                for (int64_t n = 0; n < N; n++) {
-                    Sp[n] = Sp[n] * decay + dx * Bg[n];
-                    acc += Sp[n] * Cg[n];
-                }
-                out[s * I + hd * P + p] = acc + D[hd] * xh[p];
-            }
+            for (int64_t p = 0; p < P; p++)
+                out[s * I + hd * P + p] = ssm_row(S + p * N, decay, delta * xh[p], Bg, Cg, N) + D[hd] * xh[p];
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < b * norm_groups; r++) {

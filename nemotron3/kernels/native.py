@@ -116,9 +116,11 @@ def reset() -> None:
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    )
+    """float32 CPU tensors, and no autograd recording through them (checked cheaply: ~1 µs for a few)."""
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def experts(
@@ -179,6 +181,32 @@ def route_experts(
     return out
 
 
+def _mamba_static(mixer) -> tuple | None:
+    """The mixer's parameter pointers and sizes for nm3_mamba_step, built once and kept on the mixer while
+    its parameters keep their storage (a replaced parameter or `.data` rebuilds them); None if the parameters
+    are not contiguous float32 (or autograd records through them)."""
+    params = (
+        mixer.conv1d._parameters["weight"], mixer.conv1d._parameters["bias"], mixer._parameters["dt_bias"],
+        mixer._parameters["A_log"], mixer._parameters["D"], mixer.norm._parameters["weight"],
+    )  # fmt: skip
+    ptrs = tuple(t.data_ptr() if t is not None else 0 for t in params)
+    cached = mixer.__dict__.get("_native_static")
+    if cached is not None and cached[0] == ptrs:  # same storage: in-place updates are seen, new tensors are not
+        return cached[1]
+    tensors = [t for t in params if t is not None]
+    if not _usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+        return None
+    conv_w = params[0].detach().reshape(mixer.conv_dim, -1)  # a view: the kernel reads the parameter itself
+    bias = params[1]
+    static = (
+        conv_w.data_ptr(), bias.data_ptr() if bias is not None else None, *(t.data_ptr() for t in params[2:]),
+        mixer.conv_dim, mixer.kernel, mixer.num_heads, mixer.head_dim, mixer.state_size, mixer.n_groups,
+        mixer.norm.groups,
+    )  # fmt: skip
+    mixer.__dict__["_native_static"] = (ptrs, static)
+    return static
+
+
 def mamba_step(
     mixer, proj: torch.Tensor, slots: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
     dt_range: tuple[float, float],
@@ -190,28 +218,19 @@ def mamba_step(
     dt_range: (lo, hi) clamp of Δ. Returns the normed output [b, I], or None when the kernel cannot run.
     """
     lib = library()
-    params = (mixer.conv1d.weight, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)
-    if (
-        lib is None
-        or not _usable(proj, conv_pool, ssm_pool, *params)
-        or proj.stride(-1) != 1
-        or not (conv_pool.is_contiguous() and ssm_pool.is_contiguous())
-    ):
+    if lib is None or not _usable(proj, conv_pool, ssm_pool) or proj.stride(-1) != 1:
+        return None
+    static = _mamba_static(mixer)
+    if static is None or not (conv_pool.is_contiguous() and ssm_pool.is_contiguous()):
         return None
     b = proj.shape[0]
-    nh, P, N, C = mixer.num_heads, mixer.head_dim, mixer.state_size, mixer.conv_dim
-    bias = mixer.conv1d.bias
-    conv_w = mixer.conv1d.weight.detach().reshape(C, -1).contiguous()
+    base, I, C = proj.data_ptr(), mixer.inner, mixer.conv_dim
     u = torch.empty(b, C, dtype=torch.float32)
-    out = torch.empty(b, nh * P, dtype=torch.float32)
-    base = proj.data_ptr()
-    I = mixer.inner
+    out = torch.empty(b, I, dtype=torch.float32)
     lib.nm3_mamba_step(
         b, slots.data_ptr(), base + 4 * I, base, base + 4 * (I + C), proj.stride(0), conv_pool.data_ptr(),
-        ssm_pool.data_ptr(), conv_w.data_ptr(), bias.data_ptr() if bias is not None else None,
-        mixer.dt_bias.data_ptr(), mixer.A_log.data_ptr(), mixer.D.data_ptr(), mixer.norm.weight.data_ptr(), C,
-        mixer.kernel, nh, P, N, mixer.n_groups, mixer.norm.groups, dt_range[0], dt_range[1], mixer.norm.eps,
-        u.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        ssm_pool.data_ptr(), *static, dt_range[0], dt_range[1], mixer.norm.eps, u.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return out
 

@@ -220,3 +220,27 @@ def test_add_rms_norm_updates_the_residual_and_normalises_like_float64():
     assert_close_rel(hidden, want_h, RTOL, "residual stream")
     assert_close_rel(out, want, RTOL, "normed")
     assert native.add_rms_norm(hidden, delta[:, :4], weight, 1e-5) is None  # mismatched shapes: declined
+
+
+@needs_native
+def test_mamba_step_sees_in_place_updates_and_replaced_parameters():
+    """The kernel's cached parameter pointers follow the mixer: in-place edits and new `.data` both count."""
+    cfg = small_config("M", mamba_num_heads=4, n_groups=2, ssm_state_size=16, mamba_head_dim=8)
+    torch.manual_seed(5)
+    mixer = Mamba2Mixer(cfg)
+    g = torch.Generator().manual_seed(6)
+    row = mixer.inner + mixer.conv_dim + mixer.num_heads
+    proj = torch.randn(1, row, generator=g)
+    lo_hi = (-math.inf, math.inf)
+    for change in (None, "in_place", "new_data"):
+        if change == "in_place":
+            with torch.no_grad():
+                mixer.D.mul_(3.0)
+        elif change == "new_data":
+            mixer.norm.weight.data = torch.randn(mixer.inner, generator=g)
+        conv = torch.randn(2, mixer.conv_dim, mixer.kernel - 1, generator=g)
+        ssm = torch.randn(2, mixer.num_heads, mixer.head_dim, mixer.state_size, generator=g)
+        ref_out, _, _ = mamba_step_ref(mixer, proj, conv[1:], ssm[1:], lo_hi)
+        with torch.inference_mode():
+            out = native.mamba_step(mixer, proj, torch.tensor([1]), conv, ssm, lo_hi)
+        assert_close_rel(out, ref_out, RTOL, f"after {change}")
