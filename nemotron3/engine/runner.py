@@ -17,6 +17,7 @@ from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
+from nemotron3.model.fused import fast_path
 from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.moe import Experts, MoE
 from nemotron3.model.nemotron import NemotronHForCausalLM
@@ -108,6 +109,10 @@ class ModelRunner:
             write_idx = torch.cat(
                 [self.cache.token_positions(s.seq, s.seq.num_tokens, len(s.tokens)) for s in segments]
             ).to(device)
+        with fast_path():  # fused matrices and native kernels (model/fused.py)
+            return self._run_blocks(ids, segments, offsets, n_dec, mamba, write_idx)
+
+    def _run_blocks(self, ids, segments: list[Segment], offsets: list[int], n_dec: int, mamba, write_idx):
         backbone = self.model.backbone
         layers = backbone.layers
         hidden = backbone.embeddings(ids)[None]

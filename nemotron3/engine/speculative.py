@@ -45,6 +45,7 @@ from nemotron3.engine.sampler import SampleResult, SamplingTensors, draw, proces
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.attention import causal_attention
+from nemotron3.model.fused import fast_path
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 METHODS = {"mtp": "mtp", "nemotron_h_mtp": "mtp"}  # vLLM's deprecated name maps to "mtp" as there
@@ -261,9 +262,14 @@ class SpecRunner(ModelRunner):
         offsets = [0]
         for s in segs:
             offsets.append(offsets[-1] + len(s.tokens))
-        first, last = self.mtp_layers[0], self.mtp_layers[-1]
+        first = self.mtp_layers[0]
         emb = self.model.backbone.embeddings(ids)
         u = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
+        with fast_path():
+            return self._mtp_layers(u, segs, offsets)
+
+    def _mtp_layers(self, u: torch.Tensor, segs: list[MTPSegment], offsets: list[int]) -> torch.Tensor:
+        device, last = self.model.device, self.mtp_layers[-1]
         for n, layer in enumerate(self.mtp_layers):
             x = layer.norm(u)
             if layer.kind == ATTENTION:

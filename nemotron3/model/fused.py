@@ -9,8 +9,32 @@ names, state_dict and in-place updates are unchanged, and the fused matrix sees 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+_state = threading.local()
+
+
+@contextmanager
+def fast_path() -> Iterator[None]:
+    """Inside (this thread only): the engine's forward, which may use fused matrices and native kernels.
+
+    Everything else (training, teacher scoring, a plain `model(ids)`) keeps the reference op sequence, so
+    two forwards of the same model agree bit for bit whether autograd records or not."""
+    previous = getattr(_state, "on", False)
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = previous
+
+
+def fast_path_on() -> bool:
+    return getattr(_state, "on", False)
 
 
 def stack_outputs(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -50,8 +74,14 @@ class FusedWeights:
         return [module._parameters[name].data_ptr() for module, name in self.owners]
 
     def usable(self, x: torch.Tensor) -> bool:
-        """True when no autograd is recording, x is float32, and no parameter was replaced since fusing."""
-        return not torch.is_grad_enabled() and x.dtype == torch.float32 and self._current() == self._ptrs
+        """True inside the engine's fast path, with no autograd recording, x float32, and no parameter
+        replaced since fusing."""
+        return (
+            fast_path_on()
+            and not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and self._current() == self._ptrs
+        )
 
 
 def fusable(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:

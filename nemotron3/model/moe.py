@@ -13,7 +13,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.kernels import native
-from nemotron3.model.fused import FusedWeights, fusable, stack_inputs, stack_outputs
+from nemotron3.model.fused import FusedWeights, fast_path_on, fusable, stack_inputs, stack_outputs
 from nemotron3.model.mlp import MLP, relu2
 
 
@@ -93,7 +93,7 @@ class Experts(nn.Module):
         x: [T, L]; weights: [T, k] fp32; indices: [T, k]. Returns [T, L] float32.
         """
         T, k = indices.shape
-        if T <= self.native_max_tokens:
+        if T <= self.native_max_tokens and fast_path_on():
             fused = native.experts(x, self.up_proj, self.down_proj, indices, weights)
             if fused is not None:
                 return fused

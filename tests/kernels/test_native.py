@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nemotron3.kernels import native
+from nemotron3.model.fused import fast_path
 from nemotron3.model.mamba2 import Mamba2Mixer
 from nemotron3.model.moe import Experts
 from tests.model.helpers import small_config
@@ -80,7 +81,7 @@ def test_experts_module_takes_the_kernel_and_agrees_with_its_torch_loop():
         mod.up_proj.normal_(0, 0.2)
         mod.down_proj.normal_(0, 0.2)
     x, _, _, indices, weights = expert_inputs(5, 8, 3, 24, 20, seed=4)
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_path():
         fused = mod(x, weights, indices)
         mod.native_max_tokens = 0
         looped = mod(x, weights, indices)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from nemotron3.model.fused import fast_path
 from nemotron3.model.moe import MoE
 from tests.model.helpers import small_config
 from tests.model.test_kernels import assert_close_rel
@@ -33,8 +34,10 @@ def test_fused_forward_matches_and_parameters_are_unchanged():
     after = moe.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_path():
         fused = moe(x)
+    with torch.inference_mode():
+        assert torch.equal(moe(x), ref)  # outside the engine's fast path: the reference op sequence
     assert_close_rel(fused, ref.double(), 2e-6, "fused MoE")
 
 
@@ -42,14 +45,15 @@ def test_fused_storage_follows_in_place_updates_and_steps_aside_for_autograd_and
     moe = _moe()
     moe.fuse_projections()
     x = torch.randn(3, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
+    with torch.no_grad(), fast_path():
         moe.shared_experts.up_proj.weight.mul_(2.0)  # in place: the fused storage sees it
         assert moe._fused_forward(x) is not None
     fresh = _moe()
     fresh.shared_experts.up_proj.weight.data.mul_(2.0)
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_path():
         assert_close_rel(moe(x[None])[0], fresh(x[None])[0].double(), 2e-6, "after an in-place update")
-    assert moe._fused_forward(x) is None  # grad mode on here: the unfused path keeps autograd exact
-    with torch.no_grad():
+    with fast_path():
+        assert moe._fused_forward(x) is None  # grad mode on here: the unfused path keeps autograd exact
+    with torch.no_grad(), fast_path():
         moe.fc1_latent_proj.weight = torch.nn.Parameter(moe.fc1_latent_proj.weight.detach().clone())
         assert moe._fused_forward(x) is None  # a replaced parameter: the fused storage is stale, not used
