@@ -113,6 +113,28 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 /* F.softplus(v) with its default threshold 20 (linear above it). */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
+/* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols]): dot the row with the
+ * input vector of each (token, slot) pair q that chose e (in + (in_row ? in_row[q] : q)·in_stride), and write
+ * the result (relu²'d if asked) to dest[q·rows + row]. An orphaned `omp for`: it splits the (expert, row)
+ * pairs over the enclosing parallel region's threads, so each thread streams whole stretches of matrices. */
+static void expert_rows(const float *mat, int64_t rows, int64_t cols, const int64_t *active, int64_t n_active,
+                        const int64_t *start, const float *in, int64_t in_stride, const int64_t *in_row, float *dest,
+                        int relu2) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_active * rows; r++) {
+        int64_t e = active[r / rows], i = r % rows;
+        const float *row = mat + (e * rows + i) * cols;
+        for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
+            int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
+            const float *vs[4];
+            float v[4];
+            for (int j = 0; j < nb; j++) vs[j] = in + (in_row ? in_row[q0 + j] : q0 + j) * in_stride;
+            dot_many(row, vs, nb, cols, v);
+            for (int j = 0; j < nb; j++) dest[(q0 + j) * rows + i] = relu2 ? (v[j] > 0.0f ? v[j] * v[j] : 0.0f) : v[j];
+        }
+    }
+}
+
 /* out[t] = Σ_{j<k} w[t,j] · down[e](relu(up[e] · x[t])²), e = idx[t,j].
  * x [T, L]; up [E, F, L]; down [E, L, F] (row-major, contiguous); idx [T, k] int64; w [T, k]; out [T, L].
  * The (token, slot) pairs are grouped by expert; phase 1 splits the (active expert, F row) pairs over the
@@ -127,10 +149,10 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
     size_t np = (size_t)(P > 0 ? P : 1);
     int64_t *start = calloc((size_t)E + 1, sizeof(int64_t)), *fill = calloc((size_t)E, sizeof(int64_t));
     int64_t *order = malloc(np * sizeof(int64_t)), *where = malloc(np * sizeof(int64_t));
-    int64_t *active = malloc((size_t)E * sizeof(int64_t));
+    int64_t *token = malloc(np * sizeof(int64_t)), *active = malloc((size_t)E * sizeof(int64_t));
     float *h = malloc(np * (size_t)F * sizeof(float)), *ys = malloc(np * (size_t)L * sizeof(float));
     int rc = 0;
-    if (!start || !fill || !order || !where || !active || !h || !ys) {
+    if (!start || !fill || !order || !where || !token || !active || !h || !ys) {
         rc = -2;
         goto done;
     }
@@ -145,34 +167,12 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
     for (int64_t e = 0; e < E; e++)
         if (start[e + 1] > start[e]) active[n_active++] = e;
 
+    for (int64_t q = 0; q < P; q++) token[q] = order[q] / k;
+
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_active * F; r++) {
-            int64_t e = active[r / F], f = r % F;
-            const float *row = up + (e * F + f) * L;
-            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
-                int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
-                const float *xs[4];
-                float v[4];
-                for (int j = 0; j < nb; j++) xs[j] = x + (order[q0 + j] / k) * L;
-                dot_many(row, xs, nb, L, v);
-                for (int j = 0; j < nb; j++) h[(q0 + j) * F + f] = v[j] > 0.0f ? v[j] * v[j] : 0.0f;
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_active * L; r++) {
-            int64_t e = active[r / L], l = r % L;
-            const float *row = down + (e * L + l) * F;
-            for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
-                int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
-                const float *hs[4];
-                float v[4];
-                for (int j = 0; j < nb; j++) hs[j] = h + (q0 + j) * F;
-                dot_many(row, hs, nb, F, v);
-                for (int j = 0; j < nb; j++) ys[(q0 + j) * L + l] = v[j];
-            }
-        }
+        expert_rows(up, F, L, active, n_active, start, x, L, token, h, 1); /* h = relu(up · x)² */
+        expert_rows(down, L, F, active, n_active, start, h, F, NULL, ys, 0); /* ys = down · h */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < T * L; r++) {
             int64_t t = r / L, l = r % L;
@@ -182,7 +182,7 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
         }
     }
 done:
-    free(start); free(fill); free(order); free(where); free(active); free(h); free(ys);
+    free(start); free(fill); free(order); free(where); free(token); free(active); free(h); free(ys);
     return rc;
 }
 
