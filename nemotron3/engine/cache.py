@@ -149,6 +149,9 @@ class HybridCache:
     # ------------------------------------------------------------------ addressing
     def token_positions(self, seq: SeqCache, start: int, n: int) -> torch.Tensor:
         """Pool token indices of positions start … start+n−1 of a sequence (through its block table)."""
+        bs = self.block_size
+        if n <= 16:  # decode: a few positions, without turning the whole block table into a tensor
+            return torch.tensor([seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)], dtype=torch.long)
         pos = torch.arange(start, start + n)
         blocks = torch.tensor(seq.blocks, dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
