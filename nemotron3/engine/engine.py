@@ -158,7 +158,7 @@ class LLMEngine:
         now = time.time()
         segments, sampled = [], []
         for seq in sched.decodes:
-            segments.append(Segment(seq.cache, [seq.all_ids[-1]], decode=True, want_logits=True))
+            segments.append(Segment(seq.cache, [seq.last_id], decode=True, want_logits=True))
             sampled.append(seq)
         chunks, finished = self._prefill_segments(sched.prefills, now)
         segments += chunks
@@ -191,7 +191,7 @@ class LLMEngine:
         for seq, n in prefills:
             start = seq.num_computed
             done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
-            segments.append(Segment(seq.cache, seq.all_ids[start : start + n], decode=False, want_logits=done))
+            segments.append(Segment(seq.cache, seq.ids_slice(start, start + n), decode=False, want_logits=done))
             if done:
                 finished.append(seq)
             req = self.requests[seq.request_id]

@@ -53,6 +53,20 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def last_id(self) -> int:
+        """The newest token (all_ids[-1] without copying a 32k-token list every decode step)."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def ids_slice(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without building all_ids."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
+
+    @property
     def num_computed(self) -> int:
         return self.cache.num_tokens if self.cache else 0
 

@@ -340,7 +340,7 @@ class SpeculativeEngine(LLMEngine):
         st = self._state.get(seq)
         if st is None or st.draft is None or not seq.is_decode or st.mtp_pos != seq.num_computed:
             return 0
-        left = self.max_model_len - len(seq.all_ids)
+        left = self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids)
         if seq.params.max_tokens is not None:
             left = min(left, seq.params.max_tokens - len(seq.output_ids))
         return max(0, min(self.k, left - 1))
@@ -377,7 +377,7 @@ class SpeculativeEngine(LLMEngine):
         drafts = self._draft([s for s in sched.decodes if s.num_spec > 0])
         t1 = time.perf_counter()
 
-        segments = [Segment(s.cache, [s.all_ids[-1], *drafts.get(s, ([], []))[0]], True, True) for s in sched.decodes]
+        segments = [Segment(s.cache, [s.last_id, *drafts.get(s, ([], []))[0]], True, True) for s in sched.decodes]
         chunks, done_prefills = self._prefill_segments(sched.prefills, now)
         segments += chunks
         starts = {seq: seq.num_computed for seq in [*sched.decodes, *(s for s, _ in sched.prefills)]}
@@ -530,7 +530,7 @@ class SpeculativeEngine(LLMEngine):
                 segs = []
                 for k, s in redo:
                     s.cache.num_tokens = starts[s]
-                    segs.append(Segment(s.cache, s.all_ids[starts[s] : starts[s] + keep[k]], True, False))
+                    segs.append(Segment(s.cache, s.ids_slice(starts[s], starts[s] + keep[k]), True, False))
                 self.runner.forward(segs)
         bs = self.cache.block_size
         for k, s in enumerate(decodes):
@@ -556,7 +556,7 @@ class SpeculativeEngine(LLMEngine):
             if st.mtp_pos != start:  # drafter out of step (should not happen): restart its state
                 self._state.pop(s, None)
                 continue
-            segs.append(MTPSegment(s.cache, start, hidden[a : a + n], s.all_ids[start + 1 : start + n + 1]))
+            segs.append(MTPSegment(s.cache, start, hidden[a : a + n], s.ids_slice(start + 1, start + n + 1)))
             owners.append(s)
             st.mtp_pos = start + n
             st.draft = st.q = st.hidden = None

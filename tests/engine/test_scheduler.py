@@ -105,3 +105,15 @@ def test_random_workloads_never_leak():
         assert len(cache.free_blocks) == usable, trial
         assert len(cache.free_slots) == cache.free_slots.capacity, trial
         assert not sched.running and not sched.waiting
+
+
+def test_id_views_match_all_ids():
+    """last_id / ids_slice (used every step instead of building prompt + output) agree with all_ids."""
+    seq = Sequence(0, "0", 0, [5, 6, 7], SamplingParams(max_tokens=4), arrival=0)
+    assert seq.last_id == 7
+    seq.output_ids += [8, 9]
+    assert seq.last_id == 9
+    n = len(seq.all_ids)
+    for a in range(n + 1):
+        for b in range(a, n + 2):
+            assert seq.ids_slice(a, b) == seq.all_ids[a:b], (a, b)
