@@ -302,11 +302,9 @@ def _plain_greedy(s: Sequence) -> bool:
     """Greedy with nothing that reads or edits the logits: the token is the argmax."""
     p = s.params
     return (
-        p.temperature == 0.0
+        p.greedy
         and p.logprobs is None
         and not p.logits_processors
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
+        and not p.has_penalties
         and len(s.output_ids) >= p.min_tokens
     )

@@ -138,7 +138,7 @@ class ModelRunner:
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
         proj = mixer.in_proj(x)  # [1, T, I + C + nh]
-        z, xbc, dt = proj.split([mixer.inner, mixer.conv_dim, mixer.num_heads], dim=-1)
+        z, xbc, dt = mixer.split_projection(proj)
         parts = []
         if n_dec:
             parts.append(self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm))

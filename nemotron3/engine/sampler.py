@@ -57,9 +57,7 @@ class SamplingTensors:
             any_top_k=any(k > 0 for k in top_k),
             any_top_p=any(p.top_p < 1.0 for p in params),
             any_min_p=any(p.min_p > 0.0 for p in params),
-            any_penalty=any(
-                p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-            ),
+            any_penalty=any(p.has_penalties for p in params),
             max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
             processors=[list(p.logits_processors) for p in params] if any_processors else None,
         )

@@ -52,6 +52,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Any of repetition / presence / frequency penalty active (they read the token counts)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter."""
         _check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1", self.n)

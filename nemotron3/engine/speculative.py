@@ -327,8 +327,7 @@ class SpeculativeEngine(LLMEngine):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _speculates(seq: Sequence) -> bool:
-        p = seq.params
-        return not (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+        return not seq.params.has_penalties
 
     def _state_of(self, seq: Sequence) -> _SpecState:
         st = self._state.get(seq)

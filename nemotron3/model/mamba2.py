@@ -269,7 +269,11 @@ class Mamba2Mixer(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj and its split: z [.., I] (gate), xbc [.., C] (conv input x|B|C), dt [.., nh]."""
-        return self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+        return self.split_projection(self.in_proj(hidden))
+
+    def split_projection(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An in_proj output [.., I + C + nh] as views z, xbc, dt (the engine keeps `proj` for its kernel)."""
+        return proj.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
 
     def mix(
         self,

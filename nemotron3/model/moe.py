@@ -62,13 +62,17 @@ class Router(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [T, H] → weights [T, k] fp32, indices [T, k] int64
-        logits = F.linear(x.float(), self.weight.float())
-        weights, indices = route(
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route` with this router's settings: logits [T, E] → weights [T, k] fp32, indices [T, k]."""
+        return route(
             logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
             self.norm_topk_prob, self.routed_scaling_factor,
         )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, H] → weights [T, k] fp32, indices [T, k] int64
+        logits = F.linear(x.float(), self.weight.float())
+        weights, indices = self.choose(logits)
         if self.training:  # kept for load balancing (nemotron3.train.balance): per-expert load, aux loss
             self.last_scores, self.last_indices = logits.sigmoid(), indices
         return weights, indices
@@ -164,16 +168,8 @@ class MoE(nn.Module):
                 self.experts.up_proj, self.experts.down_proj,
             )  # fmt: skip
         if routed is None:
-            routed = self._route_and_run(logits, latent)
+            routed = self.experts(latent, *g.choose(logits))
         return F.linear(torch.cat([relu2(h), routed], dim=-1), w_out)
-
-    def _route_and_run(self, logits: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        g = self.gate
-        weights, indices = route(
-            logits, g.e_score_correction_bias, g.top_k, g.n_group, g.topk_group, g.norm_topk_prob,
-            g.routed_scaling_factor,
-        )  # fmt: skip
-        return self.experts(latent, weights, indices)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]
