@@ -191,8 +191,7 @@ class ModelRunner:
         n_dec = 0  # leading one-token decode rows (speculative verify rows carry several tokens)
         while n_dec < len(segments) and segments[n_dec].decode and offsets[n_dec + 1] - offsets[n_dec] == 1:
             n_dec += 1
-        if n_dec > 1 or (n_dec == 1 and not self.cache.is_contiguous(segments[0].seq, segments[0].seq.num_tokens + 1)):
-            # (one sequence on consecutive blocks reads its keys as a view: torch's path is as fast there)
+        if n_dec:
             out = self._decode_attention(j, q[0, :, :n_dec].transpose(0, 1), segments[:n_dec])
             if out is not None:
                 outs.append(out.transpose(0, 1)[None])  # [1, nq, n_dec, d]

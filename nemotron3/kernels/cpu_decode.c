@@ -299,59 +299,177 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
     }
 }
 
+#define ATT_TILE 64 /* keys per tile of the one-pass softmax: scores of a tile stay in L1 */
+
+#if defined(__AVX512F__)
+/* The 16 horizontal sums of v[0..15] as one vector (lane i = Σ v[i]): a transpose-and-add tree of 45 shuffles
+ * and adds instead of 16 separate reductions (~128 ops). */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 s[8], t[4];
+    for (int k = 0; k < 8; k++) /* per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        s[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++) /* per chunk: the chunk's sums of v[4k..4k+3] */
+        t[k] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+/* out[i] = scale · q·key[i] for the n ≤ ATT_TILE rows `keys` (d floats each). */
+static void scores(const float *q, const float *const *keys, int64_t n, int64_t d, float scale, float *out) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (d % 16 == 0)
+        for (; i + 16 <= n; i += 16) { /* 16 keys: one accumulator each, then one transposed reduction */
+            __m512 v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < d; c += 16) {
+                __m512 qc = _mm512_loadu_ps(q + c);
+                for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys[i + r] + c), v[r]);
+            }
+            _mm512_storeu_ps(out + i, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
+        }
+#endif
+    for (; i < n; i++) {
+        const float *qs[1] = {q};
+        float v;
+        dot_many(keys[i], qs, 1, d, &v);
+        out[i] = v * scale;
+    }
+}
+
+/* acc[j][c] += Σ_i p[j][i]·vals[i][c] (c < d) for nh ≤ 4 heads j, p[j] = p + j·ATT_TILE: each value row is
+ * loaded once for every head; columns in blocks of 32, so 8 independent accumulator chains hide FMA latency. */
+static void weighted_sum(const float *p, int64_t nh, const float *const *vals, int64_t n, int64_t d, float *acc) {
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c + 32 <= d; c += 32) {
+        __m512 a[4][2];
+        for (int64_t j = 0; j < 4; j++)
+            for (int h = 0; h < 2; h++) a[j][h] = j < nh ? _mm512_loadu_ps(acc + j * d + c + 16 * h) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            __m512 v0 = _mm512_loadu_ps(vals[i] + c), v1 = _mm512_loadu_ps(vals[i] + c + 16);
+            for (int64_t j = 0; j < 4; j++)
+                if (j < nh) {
+                    __m512 w = _mm512_set1_ps(p[j * ATT_TILE + i]);
+                    a[j][0] = _mm512_fmadd_ps(w, v0, a[j][0]);
+                    a[j][1] = _mm512_fmadd_ps(w, v1, a[j][1]);
+                }
+        }
+        for (int64_t j = 0; j < nh; j++)
+            for (int h = 0; h < 2; h++) _mm512_storeu_ps(acc + j * d + c + 16 * h, a[j][h]);
+    }
+#endif
+    for (; c < d; c++)
+        for (int64_t j = 0; j < nh; j++) {
+            float s = acc[j * d + c];
+            for (int64_t i = 0; i < n; i++) s += p[j * ATT_TILE + i] * vals[i][c];
+            acc[j * d + c] = s;
+        }
+}
+
+/* Attention of one KV head's g query heads over keys [t0, t1) of one sequence, in one pass over K and V
+ * (online softmax, tile by tile): on return m[j] is the running max of head j's scaled scores, l[j] = Σ e^(s−m),
+ * acc[j] = Σ e^(s−m)·v (unnormalised). Empty ranges leave m = −inf, l = 0, acc = 0. */
+static void attend_range(const float *qh, int64_t g, int64_t d, const float *kb, const float *vb, const int64_t *tab,
+                         int64_t bs, int64_t t0, int64_t t1, float scale, float *m, float *l, float *acc) {
+    float sc[g * ATT_TILE];
+    for (int64_t j = 0; j < g; j++) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    for (int64_t c = 0; c < g * d; c++) acc[c] = 0.0f;
+    for (int64_t a = t0; a < t1; a += ATT_TILE) {
+        int64_t nt = t1 - a < ATT_TILE ? t1 - a : ATT_TILE;
+        int64_t rows[ATT_TILE];
+        for (int64_t i = 0, blk = a / bs, off = a % bs; i < nt; i++) { /* pool rows; no division per key */
+            rows[i] = (tab[blk] * bs + off) * d;
+            if (++off == bs) {
+                off = 0;
+                blk++;
+            }
+        }
+        const float *keys[ATT_TILE], *vals[ATT_TILE];
+        for (int64_t i = 0; i < nt; i++) {
+            keys[i] = kb + rows[i];
+            vals[i] = vb + rows[i];
+        }
+        for (int64_t j = 0; j < g; j++) /* the tile's keys stay in L1 across the g heads */
+            scores(qh + j * d, keys, nt, d, scale, sc + j * ATT_TILE);
+        for (int64_t j = 0; j < g; j++) { /* rescale the running sums to the new max, add this tile's weights */
+            float *row = sc + j * ATT_TILE, mt = m[j];
+            for (int64_t i = 0; i < nt; i++) mt = row[i] > mt ? row[i] : mt;
+            float corr = expf(m[j] - mt); /* 0 on the first tile (m = −inf) */
+            l[j] = l[j] * corr + exp_sub_sum(row, nt, mt);
+            m[j] = mt;
+            float *aj = acc + j * d;
+            for (int64_t c = 0; c < d; c++) aj[c] *= corr;
+        }
+        for (int64_t j = 0; j < g; j += 4)
+            weighted_sum(sc + j * ATT_TILE, g - j < 4 ? g - j : 4, vals, nt, d, acc + j * d);
+    }
+}
+
 /* out = softmax(q·Kᵀ·scale)·V for n decoding sequences, each one query row of nq heads, GQA (head j reads KV
  * head j / (nq/nkv)). q [n, nq, d]; k_plane, v_plane [nkv, tokens, d], the pool of one attention layer; sequence
  * s has lens[s] keys at block ids tables[table_off[s] ...] (key t at row tables[t / bs]·bs + t % bs).
- * out [n, nq, d]. Work items (sequence, KV head) run in parallel; each reads its keys and values once for all
- * its query heads: scores, a softmax along keys, then the value sum. Returns 0, or -2 if scratch fails. */
+ * out [n, nq, d]. Work items are (sequence, KV head, key range): each reads its keys and values once for all
+ * its query heads (attend_range). When there are fewer (sequence, KV head) pairs than threads, each sequence's
+ * keys are split into `parts` ranges (split-K) and the partial softmax sums are merged:
+ * out = Σ_p e^(m_p − M)·acc_p / Σ_p e^(m_p − M)·l_p, M = max_p m_p. Returns 0, or -2 if scratch fails. */
 int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const float *v_plane, int64_t tokens,
                          const int64_t *tables, const int64_t *table_off, const int64_t *lens, int64_t bs, int64_t nq,
                          int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
-    int64_t g = nq / nkv;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t it = 0; it < n * nkv; it++) {
-        int64_t s = it / nkv, hk = it % nkv, L = lens[s];
-        const int64_t *tab = tables + table_off[s];
-        const float *kb = k_plane + hk * tokens * d, *vb = v_plane + hk * tokens * d;
-        const float *qh = q + (s * nq + hk * g) * d;
-        float *sc = malloc((size_t)(L > 0 ? L : 1) * (size_t)g * sizeof(float)); /* scores [g][L] */
-        float *acc = calloc((size_t)(g * d), sizeof(float));
-        if (!sc || !acc) {
-            free(sc); free(acc);
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        for (int64_t t = 0; t < L; t++) {
-            const float *key = kb + (tab[t / bs] * bs + t % bs) * d;
-            for (int64_t j0 = 0; j0 < g; j0 += 4) {
-                int nb = g - j0 < 4 ? (int)(g - j0) : 4;
-                const float *qs[4];
-                float v[4];
-                for (int j = 0; j < nb; j++) qs[j] = qh + (j0 + j) * d;
-                dot_many(key, qs, nb, d, v);
-                for (int j = 0; j < nb; j++) sc[(j0 + j) * L + t] = v[j] * scale;
-            }
-        }
-        for (int64_t j = 0; j < g; j++) {
-            float *row = sc + j * L, m = -INFINITY;
-            for (int64_t t = 0; t < L; t++) m = row[t] > m ? row[t] : m;
-            float inv = 1.0f / exp_sub_sum(row, L, m);
-            for (int64_t t = 0; t < L; t++) row[t] *= inv;
-        }
-        for (int64_t t = 0; t < L; t++) {
-            const float *val = vb + (tab[t / bs] * bs + t % bs) * d;
-            for (int64_t j = 0; j < g; j++) {
-                float p = sc[j * L + t], *a = acc + j * d;
-                for (int64_t c = 0; c < d; c++) a[c] += p * val[c];
-            }
-        }
-        for (int64_t j = 0; j < g; j++)
-            for (int64_t c = 0; c < d; c++) out[(s * nq + hk * g + j) * d + c] = acc[j * d + c];
-        free(sc); free(acc);
+    int64_t g = nq / nkv, pairs = n * nkv, longest = 0;
+    for (int64_t s = 0; s < n; s++) longest = lens[s] > longest ? lens[s] : longest;
+    int64_t parts = 1;
+    if (pairs < nthreads) { /* split-K: enough ranges for every thread, none shorter than 4 tiles */
+        parts = (nthreads + pairs - 1) / pairs;
+        int64_t most = longest / (4 * ATT_TILE);
+        parts = parts < most ? parts : (most > 1 ? most : 1);
     }
-    return failed ? -2 : 0;
+    int64_t items = pairs * parts;
+    float *part = malloc((size_t)items * (size_t)(g * (d + 2)) * sizeof(float)); /* per item: m[g] l[g] acc[g][d] */
+    if (!part) return -2;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t pr = it / parts, p = it % parts, s = pr / nkv, hk = pr % nkv, L = lens[s];
+            float *mine = part + it * g * (d + 2);
+            attend_range(q + (s * nq + hk * g) * d, g, d, k_plane + hk * tokens * d, v_plane + hk * tokens * d,
+                         tables + table_off[s], bs, L * p / parts, L * (p + 1) / parts, scale, mine, mine + g,
+                         mine + 2 * g);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < pairs * g; r++) { /* merge the parts of (sequence, KV head, query head j) */
+            int64_t pr = r / g, j = r % g, s = pr / nkv, hk = pr % nkv;
+            const float *first = part + pr * parts * g * (d + 2);
+            float M = -INFINITY, total = 0.0f;
+            for (int64_t p = 0; p < parts; p++) {
+                float mp = first[p * g * (d + 2) + j];
+                M = mp > M ? mp : M;
+            }
+            float *o = out + (s * nq + hk * g + j) * d;
+            for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+            for (int64_t p = 0; p < parts; p++) {
+                const float *pp = first + p * g * (d + 2);
+                if (pp[j] == -INFINITY) continue; /* an empty range */
+                float w = expf(pp[j] - M);
+                total += w * pp[g + j];
+                for (int64_t c = 0; c < d; c++) o[c] += w * pp[2 * g + j * d + c];
+            }
+            float inv = 1.0f / total;
+            for (int64_t c = 0; c < d; c++) o[c] *= inv;
+        }
+    }
+    free(part);
+    return 0;
 }
 
 /* h ← h + delta (the residual stream, in place); out = w ⊙ h / sqrt(mean(h²) + eps) per row of H (RMSNorm,

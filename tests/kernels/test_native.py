@@ -245,3 +245,31 @@ def test_mamba_step_sees_in_place_updates_and_replaced_parameters():
         with torch.inference_mode():
             out = native.mamba_step(mixer, proj, torch.tensor([1]), conv, ssm, lo_hi)
         assert_close_rel(out, ref_out, RTOL, f"after {change}")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [3, 8])
+def test_decode_attention_split_over_keys_merges_like_float64(threads):
+    """Fewer (sequence, KV head) pairs than threads: each sequence's keys are split into ranges whose partial
+    softmax sums are merged (split-K); the 3-key sequence gets an empty range."""
+    g = torch.Generator().manual_seed(threads)
+    nq, nkv, d, bs = 4, 1, 32, 16
+    lengths = [3, 1500]
+    k_plane = torch.randn(nkv, 1504, d, generator=g)
+    v_plane = torch.randn(nkv, 1504, d, generator=g)
+    tables = [93] + list(range(94))  # sequence 0: block 93; sequence 1: blocks 0..93 (block 93 shared, read-only)
+    q = torch.randn(len(lengths), nq, d, generator=g) * 2.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.decode_attention(
+            q, k_plane, v_plane, torch.tensor(tables), torch.tensor([0, 1]), torch.tensor(lengths), bs
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert out is not None
+    for s, n_keys in enumerate(lengths):
+        blocks = tables[[0, 1][s] :]
+        rows = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n_keys)])
+        ref = attention_ref(q[s][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
+        assert_close_rel(out[s], ref, RTOL, f"sequence {s} ({n_keys} keys, {threads} threads)")
