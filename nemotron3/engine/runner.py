@@ -209,14 +209,15 @@ class ModelRunner:
         q: [n, nq, d]. Returns [n, nq, d], or None where the kernel cannot run (then each row runs alone).
         The block-table tensors are built once per step and shared by every attention layer."""
         if self._tables is None:
-            tables, offsets, lengths = [], [], []
+            tables, offsets, lengths = [], [0], []
             bs = self.cache.block_size
             for s in decoding:
                 n_keys = s.seq.num_tokens + 1
-                offsets.append(len(tables))
-                tables += s.seq.blocks[: -(-n_keys // bs)]
+                tables.append(s.seq.table(-(-n_keys // bs)))
+                offsets.append(offsets[-1] + tables[-1].numel())
                 lengths.append(n_keys)
-            self._tables = (torch.tensor(tables), torch.tensor(offsets), torch.tensor(lengths))
+            table = tables[0] if len(tables) == 1 else torch.cat(tables)
+            self._tables = (table, torch.tensor(offsets[:-1]), torch.tensor(lengths))
         tables, offsets, lengths = self._tables
         k, v = self.cache.k[plane], self.cache.v[plane]
         return native.decode_attention(q, k, v, tables, offsets, lengths, self.cache.block_size)
