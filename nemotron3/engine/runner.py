@@ -17,7 +17,7 @@ from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
-from nemotron3.model.fused import fast_path
+from nemotron3.model.fused import apply, fast_path
 from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.moe import Experts, MoE
 from nemotron3.model.nemotron import NemotronHForCausalLM
@@ -92,7 +92,8 @@ class ModelRunner:
         last = backbone.norm_f(hidden[0, rows])
         for s, n in zip(segments, lengths):
             s.seq.num_tokens += n
-        return self.model.lm_head(last).float()
+        with fast_path():
+            return apply(self.model.lm_head, last).float()
 
     def run_layers(self, segments: list[Segment], n_dec: int, mamba) -> tuple[torch.Tensor, list[int]]:
         """Embeddings and every block over the packed stream of `segments`; returns the pre-norm_f hidden
@@ -137,14 +138,14 @@ class ModelRunner:
     def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
-        proj = mixer.in_proj(x)  # [1, T, I + C + nh]
+        proj = apply(mixer.in_proj, x)  # [1, T, I + C + nh]
         z, xbc, dt = mixer.split_projection(proj)
         parts = []
         if n_dec:
             parts.append(self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm))
         parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return mixer.out_proj(y.to(x.dtype))
+        return apply(mixer.out_proj, y.to(x.dtype))
 
     def _mamba_decode(self, layer: int, mixer, proj, z, xbc, dt, decoding: list[Segment], conv, ssm) -> torch.Tensor:
         """One recurrence step for the first len(decoding) rows; returns [1, n, I].

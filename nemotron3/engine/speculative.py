@@ -45,7 +45,7 @@ from nemotron3.engine.sampler import SampleResult, SamplingTensors, draw, proces
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.attention import causal_attention
-from nemotron3.model.fused import fast_path
+from nemotron3.model.fused import apply, fast_path
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 METHODS = {"mtp": "mtp", "nemotron_h_mtp": "mtp"}  # vLLM's deprecated name maps to "mtp" as there
@@ -195,12 +195,13 @@ class SpecRunner(ModelRunner):
                 rows.extend(range(offsets[k], offsets[k + 1]) if s.decode else [offsets[k + 1] - 1])
         for s in segments:
             s.seq.num_tokens += len(s.tokens)
-        return self.model.lm_head(hidden[rows]).float(), hidden
+        with fast_path():
+            return apply(self.model.lm_head, hidden[rows]).float(), hidden
 
     def _spec_mamba(self, layer: int, mixer, x: torch.Tensor, segments, offsets, n_dec: int) -> torch.Tensor:
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
-        z, xbc, dt = mixer.project(x)  # [1, T, ·]
+        z, xbc, dt = mixer.split_projection(apply(mixer.in_proj, x))  # [1, T, ·]
         parts = []
         if n_dec:
             lengths = [len(s.tokens) for s in segments[:n_dec]]
@@ -230,7 +231,7 @@ class SpecRunner(ModelRunner):
             )
         parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return mixer.out_proj(y.to(x.dtype))
+        return apply(mixer.out_proj, y.to(x.dtype))
 
     @torch.inference_mode()
     def commit(self, keep: list[int]) -> None:
@@ -264,7 +265,7 @@ class SpecRunner(ModelRunner):
             offsets.append(offsets[-1] + len(s.tokens))
         first = self.mtp_layers[0]
         emb = self.model.backbone.embeddings(ids)
-        u = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
+        u = apply(first.eh_proj, torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
         with fast_path():
             return self._mtp_layers(u, segs, offsets)
 
@@ -437,8 +438,8 @@ class SpeculativeEngine(LLMEngine):
                 MTPSegment(s.cache, self._state[s].mtp_pos + j - 2, hidden[s][None], [out[s][0][-1]]) for s in batch
             ]
             h = self.runner.mtp(segs)
-            with torch.inference_mode():
-                lg = self.model.lm_head(h).float()
+            with torch.inference_mode(), fast_path():
+                lg = apply(self.model.lm_head, h).float()
             tokens, qs = self._draft_probs(batch, lg)
             for i, s in enumerate(batch):
                 out[s][0].append(tokens[i])
@@ -570,8 +571,8 @@ class SpeculativeEngine(LLMEngine):
         if not ready:
             return
         h = out[last]
-        with torch.inference_mode():
-            lg = self.model.lm_head(h).float()
+        with torch.inference_mode(), fast_path():
+            lg = apply(self.model.lm_head, h).float()
         tokens, qs = self._draft_probs(ready, lg)
         for i, s in enumerate(ready):
             st = self._state[s]

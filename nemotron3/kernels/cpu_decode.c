@@ -5,6 +5,7 @@
  *   nm3_mamba_step  the Mamba-2 recurrence step between in_proj and out_proj, on pooled state slots
  *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
+ *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
  * Every kernel takes the thread count (torch.get_num_threads(), so the engine thread of a server uses
  * the same count as the main thread). Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes. The library links the libgomp.so.1 that torch has already loaded, so both share one OpenMP pool
@@ -12,6 +13,7 @@
  * exactly; tests/kernels/test_native.py checks both against float64 references.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -487,5 +489,78 @@ void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, i
         }
         float scale = 1.0f / sqrtf(ss / (float)H + eps);
         for (int64_t i = 0; i < H; i++) o[i] = w[i] * (hr[i] * scale);
+    }
+}
+
+/* y[t][c0:c1] (+)= Σ_k x[t][k]·W[k][c0:c1] for t < nb ≤ 4: four W rows at a time, each 16-column strip of them
+ * loaded once and applied to every token; y stays in L1/L2 while W streams from memory. Inlined per nb. */
+static inline __attribute__((always_inline)) void linear_strip(const float *x, const int nb, int64_t ldx,
+                                                               const float *W, int64_t K, int64_t ldw, int64_t c0,
+                                                               int64_t c1, float *y, int64_t ldy) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    for (; k + 4 <= K; k += 4) {
+        const float *r0 = W + k * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+        __m512 xs[4][4];
+        for (int t = 0; t < nb; t++)
+            for (int i = 0; i < 4; i++) xs[t][i] = _mm512_set1_ps(x[t * ldx + k + i]);
+        int64_t j = c0;
+        for (; j + 16 <= c1; j += 16) {
+            __m512 w0 = _mm512_loadu_ps(r0 + j), w1 = _mm512_loadu_ps(r1 + j);
+            __m512 w2 = _mm512_loadu_ps(r2 + j), w3 = _mm512_loadu_ps(r3 + j);
+            for (int t = 0; t < nb; t++) {
+                float *yt = y + t * ldy + j;
+                __m512 a = _mm512_fmadd_ps(xs[t][0], w0, _mm512_loadu_ps(yt));
+                a = _mm512_fmadd_ps(xs[t][1], w1, a);
+                a = _mm512_fmadd_ps(xs[t][2], w2, a);
+                _mm512_storeu_ps(yt, _mm512_fmadd_ps(xs[t][3], w3, a));
+            }
+        }
+        if (j < c1) {
+            __mmask16 m = (__mmask16)((1u << (c1 - j)) - 1u);
+            __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + j), w1 = _mm512_maskz_loadu_ps(m, r1 + j);
+            __m512 w2 = _mm512_maskz_loadu_ps(m, r2 + j), w3 = _mm512_maskz_loadu_ps(m, r3 + j);
+            for (int t = 0; t < nb; t++) {
+                float *yt = y + t * ldy + j;
+                __m512 a = _mm512_fmadd_ps(xs[t][0], w0, _mm512_maskz_loadu_ps(m, yt));
+                a = _mm512_fmadd_ps(xs[t][1], w1, a);
+                a = _mm512_fmadd_ps(xs[t][2], w2, a);
+                _mm512_mask_storeu_ps(yt, m, _mm512_fmadd_ps(xs[t][3], w3, a));
+            }
+        }
+    }
+#endif
+    for (; k < K; k++) {
+        const float *r = W + k * ldw;
+        for (int t = 0; t < nb; t++) {
+            float xv = x[t * ldx + k], *yt = y + t * ldy;
+            for (int64_t j = c0; j < c1; j++) yt[j] += xv * r[j];
+        }
+    }
+}
+
+/* y = x·Wᵀ + bias for n rows: x [n, K] (rows ldx apart), the weight [N, K] given as its K-major storage W
+ * (row k holds column k of the weight: W[k·ldw + j] = weight[j][k]; ldw ≥ N, so a column slice of a fused
+ * matrix works too), bias [N] or NULL, y [n, N] (rows ldy apart). Each thread owns a range of whole 16-column
+ * strips and streams its part of W once per group of 4 rows: a decode GEMV reads every weight once. */
+void nm3_linear(const float *x, int64_t n, int64_t ldx, const float *W, int64_t K, int64_t N, int64_t ldw,
+                const float *bias, float *y, int64_t ldy, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t T = omp_get_num_threads(), th = omp_get_thread_num(), strips = (N + 15) / 16;
+        int64_t c0 = strips * th / T * 16, c1 = strips * (th + 1) / T * 16;
+        c1 = c1 < N ? c1 : N;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t j = c0; j < c1; j++) y[t * ldy + j] = bias ? bias[j] : 0.0f;
+        for (int64_t t0 = 0; t0 < n; t0 += 4) {
+            const float *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy;
+            switch (n - t0 < 4 ? n - t0 : 4) {
+            case 1: linear_strip(xt, 1, ldx, W, K, ldw, c0, c1, yt, ldy); break;
+            case 2: linear_strip(xt, 2, ldx, W, K, ldw, c0, c1, yt, ldy); break;
+            case 3: linear_strip(xt, 3, ldx, W, K, ldw, c0, c1, yt, ldy); break;
+            default: linear_strip(xt, 4, ldx, W, K, ldw, c0, c1, yt, ldy); break;
+            }
+        }
     }
 }

@@ -41,7 +41,9 @@ _SIGNATURES = {
     "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _i, _i, _p, _n]),
     "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
+    "nm3_linear": (None, [_p, _i, _i, _p, _i, _i, _i, _p, _p, _i, _n]),
 }
+LINEAR_MAX_ROWS = 4  # rows (tokens) up to which `linear` runs natively: a decode step's GEMVs; more go to MKL
 
 
 def _cpu_flags() -> str:
@@ -63,20 +65,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(force: bool = False) -> Path:
-    """Compile cpu_decode.c (if not already cached) and return the shared library's path; raises on failure."""
+def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile cpu_decode.c (if not already cached) and return the shared library's path; raises on failure.
+
+    extra_flags: appended to FLAGS (tests build the portable C path with `-mno-avx512f`)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
     out = _cache_dir() / f"cpu_decode-{key.hexdigest()[:16]}.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
         os.replace(tmp_so, out)  # atomic: concurrent builders never see a half-written library
@@ -93,15 +98,27 @@ def library() -> ctypes.CDLL | None:
             return _lib
         if os.environ.get("NEMOTRON3_NATIVE", "1") not in ("0", "false", "no", "off"):
             try:
-                lib = ctypes.CDLL(str(build()))
-                for name, (res, args) in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.restype, fn.argtypes = res, args
-                _lib = lib
+                _lib = load(build())
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 warnings.warn(f"nemotron3: native CPU kernels unavailable, using torch ops ({e})", stacklevel=2)
         _tried = True
     return _lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Open a built library and declare its functions' C signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, (res, args) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def use(lib: ctypes.CDLL | None) -> None:
+    """Make `lib` the library every call uses (tests: the portable build)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = lib, True
 
 
 def available() -> bool:
@@ -278,5 +295,33 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
     lib.nm3_add_rms_norm(
         hidden.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, hidden.numel() // H, H, out.data_ptr(),
         torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for at most LINEAR_MAX_ROWS rows, streaming the weight once: [..., N] float32,
+    or None when the kernel cannot run.
+
+    weight [N, K] must be the transposed view of a K-major storage (stride (1, ldw), ldw ≥ N), which is how
+    the engine stores every Linear on CPU (engine/runner.py, transpose_linear_storage; fused matrices and
+    their column slices alike). x: [..., K] with unit stride in K; bias: [N] contiguous or None.
+    """
+    lib = library()
+    if lib is None or x.dim() < 1 or weight.dim() != 2:
+        return None
+    N, K = weight.shape
+    if weight.stride(0) != 1 or weight.stride(1) < N or x.shape[-1] != K or x.stride(-1) != 1:
+        return None
+    rows = x.numel() // K if K else 0
+    if rows == 0 or rows > LINEAR_MAX_ROWS or not _usable(x, weight, *(() if bias is None else (bias,))):
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    x2 = x.reshape(rows, K)  # a view for the usual [1, T, K] / [T, K] inputs
+    out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    lib.nm3_linear(
+        x2.data_ptr(), rows, x2.stride(0), weight.data_ptr(), K, N, weight.stride(1),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), N, torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import ModelConfig
-from nemotron3.model.fused import FusedWeights, fusable, stack_outputs
+from nemotron3.model.fused import FusedWeights, apply, fusable, linear, stack_outputs
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Attention(nn.Module):
         b, t, _ = hidden.shape
         if self._fused is not None and self._fused.usable(hidden):
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(hidden, self._fused.matrices[0]).split([nq, nkv, nkv], dim=-1)
+            q, k, v = linear(hidden, self._fused.matrices[0]).split([nq, nkv, nkv], dim=-1)
             q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             return q, k, v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -118,7 +118,7 @@ class Attention(nn.Module):
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """o_proj of the attention result [b, nq, t, d] → [b, t, H]."""
         b, _, t, _ = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return apply(self.o_proj, attn.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
     def forward(
         self, hidden: torch.Tensor, state: KVState | None = None, segments: torch.Tensor | None = None

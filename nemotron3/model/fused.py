@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from nemotron3.kernels import native
 
 _state = threading.local()
 
@@ -35,6 +38,23 @@ def fast_path() -> Iterator[None]:
 
 def fast_path_on() -> bool:
     return getattr(_state, "on", False)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
+    applies (a few rows, float32, K-major weight); otherwise torch's own."""
+    if fast_path_on():
+        out = native.linear(x, weight, bias)
+        if out is not None:
+            return out
+    return F.linear(x, weight, bias)
+
+
+def apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), with a plain nn.Linear taking `linear` (quantized or hooked layers run as themselves)."""
+    if type(module) is nn.Linear and fast_path_on() and not module._forward_hooks and not module._forward_pre_hooks:
+        return linear(x, module.weight, module.bias)
+    return module(x)
 
 
 def stack_outputs(weights: list[torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.kernels import native
-from nemotron3.model.fused import FusedWeights, fast_path_on, fusable, stack_inputs, stack_outputs
+from nemotron3.model.fused import FusedWeights, fast_path_on, fusable, linear, stack_inputs, stack_outputs
 from nemotron3.model.mlp import MLP, relu2
 
 
@@ -159,7 +159,7 @@ class MoE(nn.Module):
             return None
         w_in, w_out = self._fused.matrices
         E, L = self.gate.weight.shape[0], self.fc1_latent_proj.weight.shape[0]
-        logits, latent, h = F.linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
+        logits, latent, h = linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
         g = self.gate
         routed = None
         if g.n_group == 1 and x.shape[0] <= self.experts.native_max_tokens:  # routing + experts: one native call
@@ -169,7 +169,7 @@ class MoE(nn.Module):
             )  # fmt: skip
         if routed is None:
             routed = self.experts(latent, *g.choose(logits))
-        return F.linear(torch.cat([relu2(h), routed], dim=-1), w_out)
+        return linear(torch.cat([relu2(h), routed], dim=-1), w_out)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]

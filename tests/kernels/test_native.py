@@ -273,3 +273,75 @@ def test_decode_attention_split_over_keys_merges_like_float64(threads):
         rows = torch.tensor([blocks[t // bs] * bs + t % bs for t in range(n_keys)])
         ref = attention_ref(q[s][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
         assert_close_rel(out[s], ref, RTOL, f"sequence {s} ({n_keys} keys, {threads} threads)")
+
+
+def k_major(weight: torch.Tensor) -> torch.Tensor:
+    """The engine's CPU layout of a Linear weight [N, K]: a transposed view of a contiguous [K, N] tensor."""
+    return weight.t().contiguous().t()
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (3, 64, 7), (4, 130, 1000), (1, 3, 16)])
+def test_linear_matches_float64(rows, K, N):
+    """K not a multiple of 4 and N not a multiple of 16 exercise the row and column tails; a K-term float32 dot
+    is within ~√K·u of exact, so 2e-6 relative L2 holds to K in the thousands."""
+    g = torch.Generator().manual_seed(rows * K + N)
+    x = torch.randn(1, rows, K, generator=g)
+    w = k_major(torch.randn(N, K, generator=g) / math.sqrt(K))
+    bias = torch.randn(N, generator=g)
+    for b in (None, bias):
+        out = native.linear(x, w, b)
+        assert out is not None and out.shape == (1, rows, N)
+        ref = x.to(f64) @ w.to(f64).t() + (0 if b is None else b.to(f64))
+        assert_close_rel(out, ref, RTOL, f"linear rows={rows} K={K} N={N} bias={b is not None}")
+
+
+@needs_native
+def test_linear_reads_a_column_slice_of_a_fused_storage():
+    """A parameter that is a view into a fused K-major matrix (row stride > N), as model/fused.py makes them."""
+    g = torch.Generator().manual_seed(5)
+    store = torch.randn(96, 200, generator=g)  # [K, Σ N_i]
+    w = store[:, 50:120].t()  # [70, 96], stride (1, 200)
+    x = torch.randn(3, 96, generator=g)
+    out = native.linear(x, w)
+    assert out is not None
+    assert_close_rel(out, x.to(f64) @ w.to(f64).t(), RTOL, "column slice")
+
+
+@needs_native
+def test_linear_declines_what_it_does_not_take():
+    x = torch.randn(5, 32)
+    w = k_major(torch.randn(16, 32))
+    assert native.linear(x, w) is None  # more rows than LINEAR_MAX_ROWS: MKL's GEMM does those
+    assert native.linear(x[:2], w.contiguous()) is None  # row-major weight: not the engine's layout
+    assert native.linear(x[:2].double(), w.double()) is None
+    assert native.linear(x[:2, :16], w) is None  # K mismatch
+    w.requires_grad_(True)
+    assert native.linear(x[:2], w) is None  # autograd records through w
+    with torch.no_grad():
+        assert native.linear(x[:2], w) is not None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_portable_build_matches_float64():
+    """The plain-C code path (a CPU without AVX-512, built here with -mno-avx512f) through the same wrappers."""
+    before = native.library()
+    try:
+        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
+        g = torch.Generator().manual_seed(11)
+        x = torch.randn(3, 70, generator=g)
+        w = k_major(torch.randn(45, 70, generator=g))
+        assert_close_rel(native.linear(x, w), x.to(f64) @ w.to(f64).t(), RTOL, "portable linear")
+        xe, up, down, indices, weights = expert_inputs(3, 8, 2, 24, 32, seed=1)
+        out = native.experts(xe, up, down, indices, weights)
+        assert_close_rel(out, experts_ref(xe, up, down, indices, weights), RTOL, "portable experts")
+        q = torch.randn(1, 4, 32, generator=g)
+        k_plane, v_plane = torch.randn(2, 1, 64, 32, generator=g)
+        out = native.decode_attention(
+            q, k_plane, v_plane, torch.tensor([3, 0, 1, 2]), torch.tensor([0]), torch.tensor([50]), 16
+        )
+        rows = torch.tensor([[3, 0, 1, 2][t // 16] * 16 + t % 16 for t in range(50)])
+        ref = attention_ref(q[0][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
+        assert_close_rel(out[0], ref, RTOL, "portable attention")
+    finally:
+        native.use(before)
