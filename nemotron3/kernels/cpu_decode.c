@@ -17,6 +17,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Flush-to-zero and denormals-are-zero for this thread between FTZ_BEGIN and FTZ_END (restored after, so
+ * torch's threads keep their mode). Softmax and SSD decay weights reach 1e-38 and below; a float op on a
+ * denormal costs ~100× a normal one (a prefill SSD scan ran 7× slower), while such terms are ≥ 2^-126 / 2^-24
+ * below anything they are added to, so flushing them leaves every result the same to float32 precision. */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define FTZ_BEGIN unsigned int nm3_csr_ = _mm_getcsr(); _mm_setcsr(nm3_csr_ | 0x8040u);
+#define FTZ_END _mm_setcsr(nm3_csr_);
+#else
+#define FTZ_BEGIN
+#define FTZ_END
+#endif
+
 /* out[v] = Σ_i a_i · b[v][i] for nb ≤ 4 vectors b[v]: one pass over `a` (a weight row) feeds every
  * token, with nb independent accumulator chains. dot_fixed is inlined with a constant nb, so the
  * accumulators live in registers. */
@@ -259,6 +272,7 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
     int64_t I = nh * P, hpg = nh / G, gsize = I / norm_groups;
 #pragma omp parallel num_threads(nthreads)
     {
+        FTZ_BEGIN
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < b * C; r++) {
             int64_t s = r / C, c = r % C;
@@ -298,6 +312,7 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
             float scale = 1.0f / sqrtf(ss / (float)gsize + eps);
             for (int64_t i = 0; i < gsize; i++) out[off + i] = norm_w[off - s * I + i] * (out[off + i] * scale);
         }
+        FTZ_END
     }
 }
 
@@ -440,6 +455,7 @@ int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const 
     if (!part) return -2;
 #pragma omp parallel num_threads(nthreads)
     {
+        FTZ_BEGIN
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             int64_t pr = it / parts, p = it % parts, s = pr / nkv, hk = pr % nkv, L = lens[s];
@@ -469,6 +485,7 @@ int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const 
             float inv = 1.0f / total;
             for (int64_t c = 0; c < d; c++) o[c] *= inv;
         }
+        FTZ_END
     }
     free(part);
     return 0;
@@ -563,4 +580,142 @@ void nm3_linear(const float *x, int64_t n, int64_t ldx, const float *W, int64_t 
             }
         }
     }
+}
+
+/* acc[c] += Σ_{j<m} w[j]·rows[j·ld + c] for c < p; 64-column blocks held in registers across the m rows. */
+static void axpy_rows(float *acc, const float *w, const float *rows, int64_t ld, int64_t m, int64_t p) {
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c + 64 <= p; c += 64) {
+        __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
+        __m512 a2 = _mm512_loadu_ps(acc + c + 32), a3 = _mm512_loadu_ps(acc + c + 48);
+        for (int64_t j = 0; j < m; j++) {
+            __m512 wj = _mm512_set1_ps(w[j]);
+            const float *r = rows + j * ld + c;
+            a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r), a0);
+            a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16), a1);
+            a2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 32), a2);
+            a3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 48), a3);
+        }
+        _mm512_storeu_ps(acc + c, a0);
+        _mm512_storeu_ps(acc + c + 16, a1);
+        _mm512_storeu_ps(acc + c + 32, a2);
+        _mm512_storeu_ps(acc + c + 48, a3);
+    }
+    for (; c + 16 <= p; c += 16) {
+        __m512 a0 = _mm512_loadu_ps(acc + c);
+        for (int64_t j = 0; j < m; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(rows + j * ld + c), a0);
+        _mm512_storeu_ps(acc + c, a0);
+    }
+#endif
+    for (; c < p; c++) {
+        float s = acc[c];
+        for (int64_t j = 0; j < m; j++) s += w[j] * rows[j * ld + c];
+        acc[c] = s;
+    }
+}
+
+/* w[j] ← w[j]·e^(x[j]) for j < m, all x[j] ≤ 0 (vectorised exp where available). */
+static void mul_exp_nonpos(float *w, const float *x, int64_t m) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= m; j += 16)
+        _mm512_storeu_ps(w + j, _mm512_mul_ps(_mm512_loadu_ps(w + j), exp_nonpos(_mm512_loadu_ps(x + j))));
+#endif
+    for (; j < m; j++) w[j] *= expf(x[j]);
+}
+
+/* The chunked SSD scan (prefill) of one sequence, the math of mamba2.py `ssd_chunk_scan` without padding
+ * (a short last chunk is the same as one padded with Δ = 0). Per chunk of Q tokens, s = cumsum(Δ·A_h):
+ *   y_l = Σ_{j≤l} (C_l·B_j)·e^(s_l − s_j)·Δ_j x_j  +  e^(s_l)·(S_in · C_l)
+ *   S_out = e^(s_last)·S_in + Σ_j e^(s_last − s_j)·Δ_j x_j ⊗ B_j
+ * x [t, h, p] (token rows ldx floats apart), dt [t, h] (rows lddt apart; softplus'ed and clamped), A [h] (< 0),
+ * B, C [t, g, n] (rows ldb / ldc apart; head hd reads group hd / (h/g)); state [h, p, n] is the entering
+ * state and receives the final one; y [t, h, p] contiguous. Phase 1 forms C·Bᵀ per (chunk, group) in
+ * parallel; phase 2 runs the heads in parallel, each carrying its state (transposed, [n, p]) through the
+ * chunks in order. Returns 0, or -2 if scratch allocation fails. */
+int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t Q, const float *x, int64_t ldx,
+                 const float *dt, int64_t lddt, const float *A, const float *B, int64_t ldb, const float *C,
+                 int64_t ldc, float *state, float *y, int nthreads) {
+    int64_t nc = (t + Q - 1) / Q, hpg = h / g;
+    float *cb = malloc((size_t)(nc * g * Q * Q > 0 ? nc * g * Q * Q : 1) * sizeof(float));
+    if (!cb) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < nc * g; r++) { /* cb[c][gi][l][j] = C_l · B_j for j ≤ l */
+            int64_t c = r / g, gi = r % g, c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
+            float *out = cb + r * Q * Q;
+            for (int64_t l = 0; l < q; l++) {
+                const float *Cl = C + (c0 + l) * ldc + gi * n;
+                for (int64_t j0 = 0; j0 <= l; j0 += 4) {
+                    int nb = l + 1 - j0 < 4 ? (int)(l + 1 - j0) : 4;
+                    const float *bs[4];
+                    for (int k = 0; k < nb; k++) bs[k] = B + (c0 + j0 + k) * ldb + gi * n;
+                    dot_many(Cl, bs, nb, n, out + l * Q + j0);
+                }
+            }
+        }
+        float *ST = malloc((size_t)(n * p) * sizeof(float));   /* state, transposed [n][p] */
+        float *X = malloc((size_t)(Q * p) * sizeof(float));    /* Δ_j x_j of the chunk [Q][p] */
+        float *W = malloc((size_t)(Q * n + 3 * Q + n) * sizeof(float)); /* B weights [n][Q] | s | e^s | row */
+        if (!ST || !X || !W) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t hd = 0; hd < h; hd++) {
+                int64_t gi = hd / hpg;
+                float a = A[hd], *S = state + hd * p * n, *wB = W, *s = W + Q * n, *es = s + Q, *row = es + Q;
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t c = 0; c < p; c++) ST[k * p + c] = S[c * n + k];
+                for (int64_t c = 0; c * Q < t; c++) {
+                    int64_t c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
+                    const float *cbc = cb + (c * g + gi) * Q * Q;
+                    float acc = 0.0f;
+                    for (int64_t l = 0; l < q; l++) {
+                        float d = dt[(c0 + l) * lddt + hd];
+                        acc += d * a;
+                        s[l] = acc;
+                        es[l] = expf(acc);
+                        const float *xl = x + (c0 + l) * ldx + hd * p;
+                        for (int64_t cc = 0; cc < p; cc++) X[l * p + cc] = d * xl[cc];
+                    }
+                    for (int64_t l = 0; l < q; l++) {
+                        float *yl = y + ((c0 + l) * h + hd) * p;
+                        for (int64_t j = 0; j <= l; j++) { /* row[j] = (C_l·B_j)·e^(s_l − s_j) */
+                            row[j] = cbc[l * Q + j];
+                            wB[j] = s[l] - s[j]; /* ≤ 0: s falls as A < 0, Δ ≥ 0 (wB is free until the state update) */
+                        }
+                        mul_exp_nonpos(row, wB, l + 1);
+                        for (int64_t cc = 0; cc < p; cc++) yl[cc] = 0.0f;
+                        axpy_rows(yl, row, X, p, l + 1, p); /* intra-chunk */
+                        const float *Cl = C + (c0 + l) * ldc + gi * n;
+                        for (int64_t k = 0; k < n; k++) row[k] = es[l] * Cl[k];
+                        axpy_rows(yl, row, ST, p, n, p); /* the entering state */
+                    }
+                    float last = s[q - 1], decay = expf(last);
+                    for (int64_t j = 0; j < q; j++) row[j] = last - s[j];
+                    for (int64_t j = 0; j < q; j++) es[j] = 1.0f;
+                    mul_exp_nonpos(es, row, q); /* es[j] = e^(s_last − s_j) */
+                    for (int64_t k = 0; k < n; k++) {
+                        for (int64_t j = 0; j < q; j++) wB[k * Q + j] = B[(c0 + j) * ldb + gi * n + k] * es[j];
+                        float *stk = ST + k * p;
+                        for (int64_t cc = 0; cc < p; cc++) stk[cc] *= decay;
+                        axpy_rows(stk, wB + k * Q, X, p, q, p);
+                    }
+                }
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t c = 0; c < p; c++) S[c * n + k] = ST[k * p + c];
+            }
+        }
+        free(ST); free(X); free(W);
+        FTZ_END
+    }
+    free(cb);
+    return failed ? -2 : 0;
 }

@@ -42,6 +42,7 @@ _SIGNATURES = {
     "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
     "nm3_linear": (None, [_p, _i, _i, _p, _i, _i, _i, _p, _p, _i, _n]),
+    "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
 }
 LINEAR_MAX_ROWS = 4  # rows (tokens) up to which `linear` runs natively: a decode step's GEMVs; more go to MKL
 
@@ -325,3 +326,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         None if bias is None else bias.data_ptr(), out.data_ptr(), N, torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def ssd_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+    state: torch.Tensor,
+) -> torch.Tensor | None:  # fmt: skip
+    """mamba2.ssd_chunk_scan for one sequence, advancing `state` in place: y [1, t, h, p] float32, or None.
+
+    x [1, t, h, p], dt [1, t, h], B and C [1, t, g, n] (views with dense trailing dims are read in place, others
+    copied once: the conv output is channel-major); A [h]; state [1, h, p, n] contiguous float32 (the entering
+    state; it receives the final one). No packed segments.
+    """
+    lib = library()
+    if lib is None or x.dim() != 4 or x.shape[0] != 1 or not _usable(x, dt, A, B, C, state):
+        return None
+    _, t, h, p = x.shape
+    g, n = B.shape[-2:]
+    if not (state.is_contiguous() and h % g == 0):
+        return None
+
+    def rows(v: torch.Tensor) -> torch.Tensor:  # dense trailing dims, any token stride (else one copy)
+        return v if v.stride(-1) == 1 and (v.dim() < 4 or v.stride(-2) == v.shape[-1]) else v.contiguous()
+
+    x, dt, B, C, A = rows(x), rows(dt), rows(B), rows(C), A.contiguous()
+    y = torch.empty(1, t, h, p, dtype=torch.float32)
+    rc = lib.nm3_ssd_scan(
+        t, h, p, g, n, chunk_size, x.data_ptr(), x.stride(1), dt.data_ptr(), dt.stride(1), A.data_ptr(),
+        B.data_ptr(), B.stride(1), C.data_ptr(), C.stride(1), state.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_ssd_scan: scratch allocation failed")
+    return y

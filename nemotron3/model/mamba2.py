@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemotron3.config import DT_CLAMP_TRANSFORMERS, ModelConfig
+from nemotron3.kernels import native
+from nemotron3.model.fused import fast_path_on
 from nemotron3.model.norm import GatedRMSNorm
 
 
@@ -319,12 +321,16 @@ class Mamba2Mixer(nn.Module):
         else:
             delta = self._step_size(dt, chunked=True)
             xh = x.reshape(b, t, self.num_heads, self.head_dim)
-            y, final = ssd_chunk_scan(
-                xh, delta, A, B.reshape(b, t, self.n_groups, -1), C.reshape(b, t, self.n_groups, -1),
-                self.chunk_size, state.ssm if state is not None else None, segments=segments,
-            )  # fmt: skip
-            if state is not None:
-                state.ssm.copy_(final)
+            B, C = B.reshape(b, t, self.n_groups, -1), C.reshape(b, t, self.n_groups, -1)
+            y = None
+            if state is not None and segments is None and fast_path_on():  # the engine's prefill: one native call
+                y = native.ssd_scan(xh, delta, A, B, C, self.chunk_size, state.ssm)  # advances state.ssm in place
+            if y is None:
+                y, final = ssd_chunk_scan(
+                    xh, delta, A, B, C, self.chunk_size, state.ssm if state is not None else None, segments=segments
+                )
+                if state is not None:
+                    state.ssm.copy_(final)
         if state is not None:
             state.conv.copy_(new_conv)
         xf = x.reshape(b, t, self.num_heads, self.head_dim).float()
