@@ -361,25 +361,32 @@ static void scores(const float *q, const float *const *keys, int64_t n, int64_t 
 }
 
 /* acc[j][c] += Σ_i p[j][i]·vals[i][c] (c < d) for nh ≤ 4 heads j, p[j] = p + j·ATT_TILE: each value row is
- * loaded once for every head; columns in blocks of 32, so 8 independent accumulator chains hide FMA latency. */
+ * loaded once for every head, 64 columns (4 vectors) at a time, in address order; 4 heads × 4 vectors are 16
+ * independent accumulator chains. */
 static void weighted_sum(const float *p, int64_t nh, const float *const *vals, int64_t n, int64_t d, float *acc) {
     int64_t c = 0;
 #if defined(__AVX512F__)
-    for (; c + 32 <= d; c += 32) {
-        __m512 a[4][2];
+    for (; c + 16 <= d; c += 64) {
+        int64_t nv = (d - c) / 16 < 4 ? (d - c) / 16 : 4; /* vectors in this block */
+        __m512 a[4][4];
         for (int64_t j = 0; j < 4; j++)
-            for (int h = 0; h < 2; h++) a[j][h] = j < nh ? _mm512_loadu_ps(acc + j * d + c + 16 * h) : _mm512_setzero_ps();
+            for (int64_t v = 0; v < 4; v++)
+                a[j][v] = j < nh && v < nv ? _mm512_loadu_ps(acc + j * d + c + 16 * v) : _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
-            __m512 v0 = _mm512_loadu_ps(vals[i] + c), v1 = _mm512_loadu_ps(vals[i] + c + 16);
+            __m512 x[4];
+            for (int64_t v = 0; v < 4; v++) x[v] = v < nv ? _mm512_loadu_ps(vals[i] + c + 16 * v) : _mm512_setzero_ps();
             for (int64_t j = 0; j < 4; j++)
                 if (j < nh) {
                     __m512 w = _mm512_set1_ps(p[j * ATT_TILE + i]);
-                    a[j][0] = _mm512_fmadd_ps(w, v0, a[j][0]);
-                    a[j][1] = _mm512_fmadd_ps(w, v1, a[j][1]);
+                    for (int64_t v = 0; v < 4; v++) a[j][v] = _mm512_fmadd_ps(w, x[v], a[j][v]);
                 }
         }
         for (int64_t j = 0; j < nh; j++)
-            for (int h = 0; h < 2; h++) _mm512_storeu_ps(acc + j * d + c + 16 * h, a[j][h]);
+            for (int64_t v = 0; v < nv; v++) _mm512_storeu_ps(acc + j * d + c + 16 * v, a[j][v]);
+        if (nv < 4) {
+            c += 16 * nv;
+            break;
+        }
     }
 #endif
     for (; c < d; c++)
@@ -416,6 +423,10 @@ static void attend_range(const float *qh, int64_t g, int64_t d, const float *kb,
             keys[i] = kb + rows[i];
             vals[i] = vb + rows[i];
         }
+#if defined(__AVX512F__)
+        for (int64_t i = 0; i < nt; i++) /* this tile's values arrive while its scores are computed */
+            for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)(vals[i] + c), _MM_HINT_T0);
+#endif
         for (int64_t j = 0; j < g; j++) /* the tile's keys stay in L1 across the g heads */
             scores(qh + j * d, keys, nt, d, scale, sc + j * ATT_TILE);
         for (int64_t j = 0; j < g; j++) { /* rescale the running sums to the new max, add this tile's weights */
