@@ -82,9 +82,11 @@ class Experts(nn.Module):
     """Routed experts stacked as up_proj [E, F, L] and down_proj [E, L, F] (on disk: one tensor per expert)."""
 
     # Up to this many tokens go to the fused kernel (one call, each expert row read once for all its
-    # tokens). Measured on nemo50's experts (2 threads, weights cold): 1 token 0.12 vs 0.23 ms for the
-    # loop, 4 tokens 0.56 vs 0.80 ms; from 8 tokens MKL's GEMMs in the loop win (docs/benchmarks.md).
-    native_max_tokens = 4
+    # tokens). Isolated, on the AMD dev machine (nemo50's experts, weights cold): 1 token 0.12 vs 0.23 ms
+    # for the loop, 4 tokens 0.56 vs 0.80 ms, and from 8 tokens MKL's GEMMs won. Whole engine steps on the
+    # Intel machine of 2026-11-30 (A/B in one process): batch 8 20.3 -> 17.5 ms and batch 32 31.7 -> 29.7 ms
+    # for nemo50 with the kernel up to 64 tokens, nemo300 within ±2 %. 32 covers decode batches to 32.
+    native_max_tokens = 32
 
     def __init__(self, num_experts: int, in_size: int, intermediate_size: int) -> None:
         super().__init__()
