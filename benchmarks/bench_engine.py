@@ -261,8 +261,11 @@ def w_profile(spec: dict) -> dict:
         if mc.layers_block_type[i] == MOE:
             originals.append((block.mixer, block.mixer.forward))
             block.mixer.forward = timed("moe", block.mixer.forward)
-    head = llm.model.lm_head
-    head.forward = timed("lm_head", head.forward)
+    import nemotron3.engine.runner as runner_module  # the runner applies lm_head through fused.apply
+
+    head, apply = llm.model.lm_head, runner_module.apply
+    timed_head = timed("lm_head", apply)
+    runner_module.apply = lambda module, x: timed_head(module, x) if module is head else apply(module, x)
     run_step = runner.step
     runner.step = timed("runner_step", run_step)
     t0 = time.perf_counter()
@@ -271,7 +274,8 @@ def w_profile(spec: dict) -> dict:
     total = time.perf_counter() - t0
     for mod, fwd in originals:
         del mod.forward
-    del head.forward, runner.step, runner._mamba, runner._attention
+    runner_module.apply = apply
+    del runner.step, runner._mamba, runner._attention
     comp = {k: v / steps * 1e3 for k, v in acc.items()}
     comp["engine_step"] = total / steps * 1e3
     comp["scheduler_sampler_outputs"] = comp["engine_step"] - comp["runner_step"]

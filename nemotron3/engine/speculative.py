@@ -265,8 +265,8 @@ class SpecRunner(ModelRunner):
             offsets.append(offsets[-1] + len(s.tokens))
         first = self.mtp_layers[0]
         emb = self.model.backbone.embeddings(ids)
-        u = apply(first.eh_proj, torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
         with fast_path():
+            u = apply(first.eh_proj, torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
             return self._mtp_layers(u, segs, offsets)
 
     def _mtp_layers(self, u: torch.Tensor, segs: list[MTPSegment], offsets: list[int]) -> torch.Tensor:
