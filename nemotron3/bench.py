@@ -214,6 +214,7 @@ def run_bench(
         decode.append(bench_decode(model, b, prompt_len, max_tokens, seed))
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", ""),
+        "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
         "pattern": model.config.hybrid_override_pattern, "params": sum(p.numel() for p in model.parameters()),
         "prefill": prefill, "decode": decode,
     }  # fmt: skip

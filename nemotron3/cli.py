@@ -239,6 +239,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
+                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     p.set_defaults(func=cmd_generate)
@@ -256,7 +259,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
         )  # fmt: skip
-        llm = LLM(args.model, dtype=args.dtype)
+        llm = LLM(args.model, dtype=args.dtype, weight_dtype=args.weight_dtype)
         if args.chat:
             tok = llm.get_tokenizer()
             if tok is None:
@@ -302,6 +305,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed prefill repetitions (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
+                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
@@ -324,6 +330,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
         name, model = build_model(args.model, dtype, args.seed)
+        if args.weight_dtype == "bfloat16" and dtype != torch.bfloat16:
+            from nemotron3.engine.runner import narrow_weight_storage
+
+            narrow_weight_storage(model, torch.bfloat16)
         if args.prompt_len + args.max_tokens > model.config.max_position_embeddings:
             raise ValueError(
                 f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} exceeds the model's "
@@ -341,7 +351,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = Console()
     pre = result["prefill"]
     console.print(
-        f"[bold]{name}[/bold] — {result['params'] / 1e6:,.1f} M params, {result['dtype']}, "
+        f"[bold]{name}[/bold] — {result['params'] / 1e6:,.1f} M params, {result['dtype']}"
+        f"{' (bf16 matrices)' if result['weight_dtype'] != result['dtype'] else ''}, "
         f"{result['threads']} threads, torch {result['torch']}; prompt {args.prompt_len} tokens, "
         f"{args.max_tokens} new per request",
         highlight=False,
@@ -693,6 +704,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
+                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -703,6 +717,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _llm_options(args: argparse.Namespace) -> dict:
     """LLM(...) options from the shared model flags; a malformed --speculative-config is a ValueError."""
     opts = {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs}
+    if args.weight_dtype is not None:
+        opts["weight_dtype"] = args.weight_dtype
     if args.max_model_len is not None:
         opts["max_model_len"] = args.max_model_len
     if args.speculative_config is not None:

@@ -15,7 +15,7 @@ import torch
 
 from nemotron3.engine.cache import CacheConfig, HybridCache
 from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from nemotron3.engine.runner import ModelRunner, Segment
+from nemotron3.engine.runner import WEIGHT_DTYPES, ModelRunner, Segment, narrow_weight_storage
 from nemotron3.engine.sampler import SampleResult, SamplingTensors, sample
 from nemotron3.engine.sampling_params import SamplingParams
 from nemotron3.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
@@ -34,6 +34,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 2 << 30  # K/V blocks + Mamba state slots together
     compile: bool = False  # torch.compile the Mamba decode step (fuses its ~30 small ops; inductor on CPU)
+    # "bfloat16": weight-only bf16 on a float32 model (engine/runner.py, narrow_weight_storage): matrices stored
+    # in bf16 and widened in the kernels, everything else float32; decode reads half the bytes. None: as loaded.
+    weight_dtype: str | None = None
 
 
 @dataclass
@@ -58,6 +61,16 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         mc = model.config
+        if config.weight_dtype is not None:
+            if config.weight_dtype not in WEIGHT_DTYPES:
+                raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)} or None, got {config.weight_dtype!r}")
+            if WEIGHT_DTYPES[config.weight_dtype] != model.dtype:
+                if model.dtype != torch.float32:
+                    raise ValueError(
+                        f"weight_dtype={config.weight_dtype!r} narrows a float32 model's matrices; this model is "
+                        f"{model.dtype} (load it with dtype='float32')"
+                    )
+                narrow_weight_storage(model, WEIGHT_DTYPES[config.weight_dtype])
         self.cache = HybridCache(
             mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype,
             model.device, mtp_attention_layers,

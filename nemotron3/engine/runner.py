@@ -19,7 +19,7 @@ from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
 from nemotron3.model.fused import apply, fast_path
 from nemotron3.model.mamba2 import MambaState
-from nemotron3.model.moe import Experts, MoE
+from nemotron3.model.moe import Experts, MoE, Router
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 
@@ -48,6 +48,32 @@ def transpose_linear_storage(model: torch.nn.Module) -> None:
             for p in (module.up_proj, module.down_proj):
                 if p.is_contiguous():
                     p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def narrow_weight_storage(model: NemotronHForCausalLM, dtype: torch.dtype) -> int:
+    """Weight-only storage: every plain Linear weight (lm_head included), every router and the routed experts'
+    matrices are held in `dtype` (bfloat16), which the kernels widen to float32 as they stream it. Activations,
+    K/V, Mamba states, norms, convolutions and biases keep the model's float32, so the result is exactly the
+    float32 model on bf16-rounded matrices, while a decode step reads about half the bytes. A tied lm_head
+    stays with its embedding table (the activations' dtype). Returns how many parameters were narrowed."""
+    if model.dtype != torch.float32:
+        raise ValueError(f"weight_dtype {dtype} needs a float32 model (dtype='float32'), got {model.dtype}")
+    tied = model.lm_head.weight is model.backbone.embeddings.weight
+    params = []
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not (tied and module is model.lm_head):
+            params.append(module.weight)
+        elif isinstance(module, Router):
+            params.append(module.weight)
+        elif type(module) is Experts:
+            params += [module.up_proj, module.down_proj]
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype)  # strides kept: a K-major view stays K-major
+    return len(params)
 
 
 class ModelRunner:

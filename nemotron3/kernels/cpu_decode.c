@@ -6,6 +6,9 @@
  *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
  *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
+ * The weight-streaming kernels (nm3_linear, nm3_experts, nm3_route_experts) read float32 or bfloat16 weights
+ * (`w_bf16`): a bfloat16 is the upper half of a float32, so widening it is a 16-bit shift and every product
+ * and sum stays float32. Activations, states and outputs are always float32.
  * Every kernel takes the thread count (torch.get_num_threads(), so the engine thread of a server uses
  * the same count as the main thread). Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes. The library links the libgomp.so.1 that torch has already loaded, so both share one OpenMP pool
@@ -30,56 +33,92 @@
 #define FTZ_END
 #endif
 
-/* out[v] = Σ_i a_i · b[v][i] for nb ≤ 4 vectors b[v]: one pass over `a` (a weight row) feeds every
- * token, with nb independent accumulator chains. dot_fixed is inlined with a constant nb, so the
- * accumulators live in registers. */
+/* Weight element i of a row that is float32, or bfloat16 when bf16 (a constant at every inlined call site,
+ * so each caller compiles to one type's loads). */
+static inline __attribute__((always_inline)) float w_at(const void *w, int64_t i, const int bf16) {
+    if (!bf16) return ((const float *)w)[i];
+    union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)w)[i] << 16};
+    return v.f;
+}
+
+static inline __attribute__((always_inline)) const void *w_offset(const void *w, int64_t i, const int bf16) {
+    return bf16 ? (const void *)((const uint16_t *)w + i) : (const void *)((const float *)w + i);
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline __attribute__((always_inline)) void dot_fixed(const float *a, const float *const *b, const int nb,
-                                                            int64_t n, float *out) {
+/* 16 weights from w + i widened to float32 (masked: lanes outside m read nothing and are 0). */
+static inline __attribute__((always_inline)) __m512 w_load(const void *w, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)w + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) __m512 w_load_mask(__mmask16 m, const void *w, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)w + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* out[v] = Σ_i a_i · b[v][i] for nb ≤ 4 vectors b[v]: one pass over `a` (a weight row, float32 or bfloat16)
+ * feeds every token, with nb independent accumulator chains. dot_fixed is inlined with constant nb and bf16,
+ * so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void dot_fixed(const void *a, const int bf16, const float *const *b,
+                                                            const int nb, int64_t n, float *out) {
     __m512 acc[4];
     for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_ps();
     int64_t i = 0;
     if (nb == 1) { /* one token: split the row over 4 chains instead, then fold them */
         for (; i + 64 <= n; i += 64)
             for (int c = 0; c < 4; c++)
-                acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16 * c), _mm512_loadu_ps(b[0] + i + 16 * c), acc[c]);
+                acc[c] = _mm512_fmadd_ps(w_load(a, i + 16 * c, bf16), _mm512_loadu_ps(b[0] + i + 16 * c), acc[c]);
         acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
     }
     for (; i + 16 <= n; i += 16) {
-        __m512 av = _mm512_loadu_ps(a + i);
+        __m512 av = w_load(a, i, bf16);
         for (int v = 0; v < nb; v++) acc[v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[v] + i), acc[v]);
     }
     if (i < n) {
         __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 av = _mm512_maskz_loadu_ps(m, a + i);
+        __m512 av = w_load_mask(m, a, i, bf16);
         for (int v = 0; v < nb; v++) acc[v] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, b[v] + i), acc[v]);
     }
     for (int v = 0; v < nb; v++) out[v] = _mm512_reduce_add_ps(acc[v]);
 }
 #else
-static inline __attribute__((always_inline)) void dot_fixed(const float *a, const float *const *b, const int nb,
-                                                            int64_t n, float *out) {
+static inline __attribute__((always_inline)) void dot_fixed(const void *a, const int bf16, const float *const *b,
+                                                            const int nb, int64_t n, float *out) {
     float acc[4][8] = {{0}};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int v = 0; v < nb; v++)
-            for (int j = 0; j < 8; j++) acc[v][j] += a[i + j] * b[v][i + j];
+            for (int j = 0; j < 8; j++) acc[v][j] += w_at(a, i + j, bf16) * b[v][i + j];
     for (int v = 0; v < nb; v++) {
         float s = 0.0f;
         for (int j = 0; j < 8; j++) s += acc[v][j];
-        for (int64_t r = i; r < n; r++) s += a[r] * b[v][r];
+        for (int64_t r = i; r < n; r++) s += w_at(a, r, bf16) * b[v][r];
         out[v] = s;
     }
 }
 #endif
 
+/* dot_fixed for float32 rows `a`. */
 static void dot_many(const float *a, const float *const *b, int nb, int64_t n, float *out) {
     switch (nb) {
-    case 1: dot_fixed(a, b, 1, n, out); break;
-    case 2: dot_fixed(a, b, 2, n, out); break;
-    case 3: dot_fixed(a, b, 3, n, out); break;
-    default: dot_fixed(a, b, 4, n, out); break;
+    case 1: dot_fixed(a, 0, b, 1, n, out); break;
+    case 2: dot_fixed(a, 0, b, 2, n, out); break;
+    case 3: dot_fixed(a, 0, b, 3, n, out); break;
+    default: dot_fixed(a, 0, b, 4, n, out); break;
+    }
+}
+
+/* dot_fixed for bfloat16 rows `a`. */
+static void dot_many_bf16(const void *a, const float *const *b, int nb, int64_t n, float *out) {
+    switch (nb) {
+    case 1: dot_fixed(a, 1, b, 1, n, out); break;
+    case 2: dot_fixed(a, 1, b, 2, n, out); break;
+    case 3: dot_fixed(a, 1, b, 3, n, out); break;
+    default: dot_fixed(a, 1, b, 4, n, out); break;
     }
 }
 
@@ -128,36 +167,41 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 /* F.softplus(v) with its default threshold 20 (linear above it). */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
-/* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols]): dot the row with the
+/* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols], float32 or bfloat16 when
+ * bf16): dot the row with the
  * input vector of each (token, slot) pair q that chose e (in + (in_row ? in_row[q] : q)·in_stride), and write
  * the result (relu²'d if asked) to dest[q·rows + row]. An orphaned `omp for`: it splits the (expert, row)
  * pairs over the enclosing parallel region's threads, so each thread streams whole stretches of matrices. */
-static void expert_rows(const float *mat, int64_t rows, int64_t cols, const int64_t *active, int64_t n_active,
-                        const int64_t *start, const float *in, int64_t in_stride, const int64_t *in_row, float *dest,
-                        int relu2) {
+static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, const int64_t *active,
+                        int64_t n_active, const int64_t *start, const float *in, int64_t in_stride,
+                        const int64_t *in_row, float *dest, int relu2) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n_active * rows; r++) {
         int64_t e = active[r / rows], i = r % rows;
-        const float *row = mat + (e * rows + i) * cols;
+        const void *row = w_offset(mat, (e * rows + i) * cols, bf16);
         for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
             int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
             const float *vs[4];
             float v[4];
             for (int j = 0; j < nb; j++) vs[j] = in + (in_row ? in_row[q0 + j] : q0 + j) * in_stride;
-            dot_many(row, vs, nb, cols, v);
+            if (bf16)
+                dot_many_bf16(row, vs, nb, cols, v);
+            else
+                dot_many(row, vs, nb, cols, v);
             for (int j = 0; j < nb; j++) dest[(q0 + j) * rows + i] = relu2 ? (v[j] > 0.0f ? v[j] * v[j] : 0.0f) : v[j];
         }
     }
 }
 
 /* out[t] = Σ_{j<k} w[t,j] · down[e](relu(up[e] · x[t])²), e = idx[t,j].
- * x [T, L]; up [E, F, L]; down [E, L, F] (row-major, contiguous); idx [T, k] int64; w [T, k]; out [T, L].
+ * x [T, L]; up [E, F, L]; down [E, L, F] (row-major, contiguous; float32, or bfloat16 when w_bf16); idx [T, k]
+ * int64; w [T, k]; out [T, L].
  * The (token, slot) pairs are grouped by expert; phase 1 splits the (active expert, F row) pairs over the
  * threads, phase 2 the (active expert, L row) pairs, so each thread streams whole stretches of expert
  * matrices and each row is read once for all its tokens; phase 3 sums each token's k expert outputs in
  * slot order. Returns 0, -1 on an index outside [0, E), -2 if scratch allocation fails. */
-int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const float *down, int64_t E, int64_t F,
-                const int64_t *idx, const float *w, int64_t k, float *out, int nthreads) {
+int nm3_experts(const float *x, int64_t T, int64_t L, const void *up, const void *down, int w_bf16, int64_t E,
+                int64_t F, const int64_t *idx, const float *w, int64_t k, float *out, int nthreads) {
     int64_t P = T * k;
     for (int64_t p = 0; p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
@@ -186,8 +230,8 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const float *up, const flo
 
 #pragma omp parallel num_threads(nthreads)
     {
-        expert_rows(up, F, L, active, n_active, start, x, L, token, h, 1); /* h = relu(up · x)² */
-        expert_rows(down, L, F, active, n_active, start, h, F, NULL, ys, 0); /* ys = down · h */
+        expert_rows(up, w_bf16, F, L, active, n_active, start, x, L, token, h, 1); /* h = relu(up · x)² */
+        expert_rows(down, w_bf16, L, F, active, n_active, start, h, F, NULL, ys, 0); /* ys = down · h */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < T * L; r++) {
             int64_t t = r / L, l = r % L;
@@ -206,8 +250,8 @@ done:
  * (the bias steers the choice only); weights = score / (Σ score + 1e-20 if norm) · scale. idx [T, k] int64 and
  * w [T, k] receive the choice (slot order: descending score + bias). Returns nm3_experts' code. */
 int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
-                      int64_t *idx, float *w, const float *x, int64_t T, int64_t L, const float *up, const float *down,
-                      int64_t E, int64_t F, float *out, int nthreads) {
+                      int64_t *idx, float *w, const float *x, int64_t T, int64_t L, const void *up, const void *down,
+                      int w_bf16, int64_t E, int64_t F, float *out, int nthreads) {
     float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
     if (!score || !choice) {
         free(score); free(choice);
@@ -232,7 +276,7 @@ int nm3_route_experts(const float *logits, int64_t stride, const float *bias, in
         for (int64_t j = 0; j < k; j++) w[t * k + j] *= mul;
     }
     free(score); free(choice);
-    return nm3_experts(x, T, L, up, down, E, F, idx, w, k, out, nthreads);
+    return nm3_experts(x, T, L, up, down, w_bf16, E, F, idx, w, k, out, nthreads);
 }
 
 /* One row of the state: S ← decay·S + dx·B, returns S·C (n = N terms, vectorised across n). */
@@ -521,21 +565,23 @@ void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, i
 }
 
 /* y[t][c0:c1] (+)= Σ_k x[t][k]·W[k][c0:c1] for t < nb ≤ 4: four W rows at a time, each 16-column strip of them
- * loaded once and applied to every token; y stays in L1/L2 while W streams from memory. Inlined per nb. */
+ * loaded once and applied to every token; y stays in L1/L2 while W streams from memory. Inlined per nb and
+ * weight type (W float32, or bfloat16 when bf16). */
 static inline __attribute__((always_inline)) void linear_strip(const float *x, const int nb, int64_t ldx,
-                                                               const float *W, int64_t K, int64_t ldw, int64_t c0,
-                                                               int64_t c1, float *y, int64_t ldy) {
+                                                               const void *W, const int bf16, int64_t K, int64_t ldw,
+                                                               int64_t c0, int64_t c1, float *y, int64_t ldy) {
     int64_t k = 0;
 #if defined(__AVX512F__)
     for (; k + 4 <= K; k += 4) {
-        const float *r0 = W + k * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+        const void *r0 = w_offset(W, k * ldw, bf16), *r1 = w_offset(r0, ldw, bf16);
+        const void *r2 = w_offset(r1, ldw, bf16), *r3 = w_offset(r2, ldw, bf16);
         __m512 xs[4][4];
         for (int t = 0; t < nb; t++)
             for (int i = 0; i < 4; i++) xs[t][i] = _mm512_set1_ps(x[t * ldx + k + i]);
         int64_t j = c0;
         for (; j + 16 <= c1; j += 16) {
-            __m512 w0 = _mm512_loadu_ps(r0 + j), w1 = _mm512_loadu_ps(r1 + j);
-            __m512 w2 = _mm512_loadu_ps(r2 + j), w3 = _mm512_loadu_ps(r3 + j);
+            __m512 w0 = w_load(r0, j, bf16), w1 = w_load(r1, j, bf16);
+            __m512 w2 = w_load(r2, j, bf16), w3 = w_load(r3, j, bf16);
             for (int t = 0; t < nb; t++) {
                 float *yt = y + t * ldy + j;
                 __m512 a = _mm512_fmadd_ps(xs[t][0], w0, _mm512_loadu_ps(yt));
@@ -546,8 +592,8 @@ static inline __attribute__((always_inline)) void linear_strip(const float *x, c
         }
         if (j < c1) {
             __mmask16 m = (__mmask16)((1u << (c1 - j)) - 1u);
-            __m512 w0 = _mm512_maskz_loadu_ps(m, r0 + j), w1 = _mm512_maskz_loadu_ps(m, r1 + j);
-            __m512 w2 = _mm512_maskz_loadu_ps(m, r2 + j), w3 = _mm512_maskz_loadu_ps(m, r3 + j);
+            __m512 w0 = w_load_mask(m, r0, j, bf16), w1 = w_load_mask(m, r1, j, bf16);
+            __m512 w2 = w_load_mask(m, r2, j, bf16), w3 = w_load_mask(m, r3, j, bf16);
             for (int t = 0; t < nb; t++) {
                 float *yt = y + t * ldy + j;
                 __m512 a = _mm512_fmadd_ps(xs[t][0], w0, _mm512_maskz_loadu_ps(m, yt));
@@ -559,38 +605,73 @@ static inline __attribute__((always_inline)) void linear_strip(const float *x, c
     }
 #endif
     for (; k < K; k++) {
-        const float *r = W + k * ldw;
+        const void *r = w_offset(W, k * ldw, bf16);
         for (int t = 0; t < nb; t++) {
             float xv = x[t * ldx + k], *yt = y + t * ldy;
-            for (int64_t j = c0; j < c1; j++) yt[j] += xv * r[j];
+            for (int64_t j = c0; j < c1; j++) yt[j] += xv * w_at(r, j, bf16);
+        }
+    }
+}
+
+/* linear_strip for n ≤ 4·k rows in groups of 4, switched to the constant (nb, bf16) instantiation. */
+static void linear_rows(const float *x, int64_t n, int64_t ldx, const void *W, int bf16, int64_t K, int64_t ldw,
+                        int64_t c0, int64_t c1, float *y, int64_t ldy) {
+    for (int64_t t0 = 0; t0 < n; t0 += 4) {
+        const float *xt = x + t0 * ldx;
+        float *yt = y + t0 * ldy;
+        int nb = n - t0 < 4 ? (int)(n - t0) : 4;
+        switch (nb + 4 * (bf16 != 0)) {
+        case 1: linear_strip(xt, 1, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 2: linear_strip(xt, 2, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 3: linear_strip(xt, 3, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 4: linear_strip(xt, 4, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 5: linear_strip(xt, 1, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 6: linear_strip(xt, 2, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 7: linear_strip(xt, 3, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        default: linear_strip(xt, 4, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
         }
     }
 }
 
 /* y = x·Wᵀ + bias for n rows: x [n, K] (rows ldx apart), the weight [N, K] given as its K-major storage W
  * (row k holds column k of the weight: W[k·ldw + j] = weight[j][k]; ldw ≥ N, so a column slice of a fused
- * matrix works too), bias [N] or NULL, y [n, N] (rows ldy apart). Each thread owns a range of whole 16-column
- * strips and streams its part of W once per group of 4 rows: a decode GEMV reads every weight once. */
-void nm3_linear(const float *x, int64_t n, int64_t ldx, const float *W, int64_t K, int64_t N, int64_t ldw,
-                const float *bias, float *y, int64_t ldy, int nthreads) {
+ * matrix works too; float32, or bfloat16 when w_bf16), bias [N] float32 or NULL, y [n, N] (rows ldy apart).
+ * A decode GEMV reads every weight once. Wide matrices split their columns over the threads, each thread
+ * streaming its strip of every row. Narrow ones (a thread's strip under ksplit_bytes) split the rows instead:
+ * each thread streams one contiguous block of W into its own partial y, and the partials are summed after;
+ * short strided strips defeat the hardware prefetcher. Returns 0, or -2 if the partials cannot be allocated. */
+int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16, int64_t K, int64_t N,
+               int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t ksplit_bytes, int nthreads) {
+    int64_t elt = w_bf16 ? 2 : 4;
+    int ksplit = nthreads > 1 && N * elt / nthreads < ksplit_bytes && K >= 16 * nthreads;
+    float *part = NULL;
+    if (ksplit && !(part = malloc((size_t)(nthreads - 1) * (size_t)(n * N) * sizeof(float)))) return -2;
 #pragma omp parallel num_threads(nthreads)
     {
         int64_t T = omp_get_num_threads(), th = omp_get_thread_num(), strips = (N + 15) / 16;
-        int64_t c0 = strips * th / T * 16, c1 = strips * (th + 1) / T * 16;
-        c1 = c1 < N ? c1 : N;
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t j = c0; j < c1; j++) y[t * ldy + j] = bias ? bias[j] : 0.0f;
-        for (int64_t t0 = 0; t0 < n; t0 += 4) {
-            const float *xt = x + t0 * ldx;
-            float *yt = y + t0 * ldy;
-            switch (n - t0 < 4 ? n - t0 : 4) {
-            case 1: linear_strip(xt, 1, ldx, W, K, ldw, c0, c1, yt, ldy); break;
-            case 2: linear_strip(xt, 2, ldx, W, K, ldw, c0, c1, yt, ldy); break;
-            case 3: linear_strip(xt, 3, ldx, W, K, ldw, c0, c1, yt, ldy); break;
-            default: linear_strip(xt, 4, ldx, W, K, ldw, c0, c1, yt, ldy); break;
-            }
+        if (!ksplit || T == 1) {
+            int64_t c0 = strips * th / T * 16, c1 = strips * (th + 1) / T * 16;
+            c1 = c1 < N ? c1 : N;
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t j = c0; j < c1; j++) y[t * ldy + j] = bias ? bias[j] : 0.0f;
+            linear_rows(x, n, ldx, W, w_bf16, K, ldw, c0, c1, y, ldy);
+        } else {
+            int64_t k0 = K * th / T, k1 = K * (th + 1) / T, ld = th ? N : ldy;
+            float *mine = th ? part + (th - 1) * n * N : y;
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t j = 0; j < N; j++) mine[t * ld + j] = bias && !th ? bias[j] : 0.0f;
+            linear_rows(x + k0, n, ldx, w_offset(W, k0 * ldw, w_bf16), w_bf16, k1 - k0, ldw, 0, N, mine, ld);
+#pragma omp barrier
+            int64_t c0 = N * th / T, c1 = N * (th + 1) / T;
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t p = 0; p + 1 < T; p++) {
+                    const float *src = part + p * n * N + t * N;
+                    for (int64_t j = c0; j < c1; j++) y[t * ldy + j] += src[j];
+                }
         }
     }
+    free(part);
+    return 0;
 }
 
 /* acc[c] += Σ_{j<m} w[j]·rows[j·ld + c] for c < p; 64-column blocks held in registers across the m rows. */

@@ -1,4 +1,4 @@
-"""Build, load and call the fused CPU decode kernels in cpu_decode.c (float32, OpenMP).
+"""Build, load and call the fused CPU decode kernels in cpu_decode.c (float32 math, OpenMP).
 
 The C file is compiled once per machine with the system C compiler (`cc -O3 -march=native -fopenmp`) into
 ~/.cache/nemotron3/kernels (or $NEMOTRON3_CACHE_DIR/kernels), keyed by a hash of the source, the compiler
@@ -7,7 +7,8 @@ libgomp.so.1 torch already loaded: one OpenMP thread pool, sized by torch.set_nu
 
 Everything here is optional: with no compiler, a failed build, NEMOTRON3_NATIVE=0, or inputs the kernels do
 not take (not float32, not on the CPU, autograd on), callers fall back to the torch code, which computes the
-same math. `available()` says which path runs.
+same math. `available()` says which path runs. The weight-streaming kernels (`linear`, `experts`,
+`route_experts`) also read bfloat16 weights, widened to float32 in registers (weight-only bf16).
 """
 
 from __future__ import annotations
@@ -33,18 +34,19 @@ _tried = False
 
 _p, _i, _f, _n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _i, _i, _p, _p, _i, _p, _n]),
+    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _n, _i, _i, _p, _p, _i, _p, _n]),
     "nm3_mamba_step": (
         None,
         [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p, _n],
     ),
-    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _i, _i, _p, _n]),
+    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _n, _i, _i, _p, _n]),
     "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
-    "nm3_linear": (None, [_p, _i, _i, _p, _i, _i, _i, _p, _p, _i, _n]),
+    "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
 }
 LINEAR_MAX_ROWS = 4  # rows (tokens) up to which `linear` runs natively: a decode step's GEMVs; more go to MKL
+LINEAR_KSPLIT_BYTES = 8192  # nm3_linear splits rows, not columns, over threads whose column strip is narrower
 
 
 def _cpu_flags() -> str:
@@ -141,15 +143,28 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
+def _weight_type(*weights: torch.Tensor) -> int | None:
+    """The kernels' w_bf16 flag for weights that are all float32 (0) or all bfloat16 (1) CPU tensors without
+    autograd recording; None otherwise."""
+    dtype = weights[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16) or any(w.dtype is not dtype or not w.is_cpu for w in weights):
+        return None
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None
+    return int(dtype is torch.bfloat16)
+
+
 def experts(
     x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor | None:
     """Routed experts for a few tokens in one call: [T, L] float32, or None when the kernel cannot run.
 
-    x: [T, L]; up: [E, F, L] and down: [E, L, F] (contiguous); indices: [T, k] int64; weights: [T, k] fp32.
+    x: [T, L]; up: [E, F, L] and down: [E, L, F] (contiguous, float32 or both bfloat16); indices: [T, k] int64;
+    weights: [T, k] fp32.
     """
     lib = library()
-    if lib is None or not _usable(x, up, down, weights) or not (up.is_contiguous() and down.is_contiguous()):
+    w_bf16 = _weight_type(up, down)
+    if lib is None or w_bf16 is None or not _usable(x, weights) or not (up.is_contiguous() and down.is_contiguous()):
         return None
     x = x.contiguous()
     indices = indices.to(torch.int64).contiguous()
@@ -158,7 +173,7 @@ def experts(
     E, F_, _ = up.shape
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_experts(
-        x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, indices.data_ptr(), weights.data_ptr(),
+        x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, indices.data_ptr(), weights.data_ptr(),
         indices.shape[1], out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
@@ -174,12 +189,15 @@ def route_experts(
 ) -> torch.Tensor | None:  # fmt: skip
     """moe.route (n_group = 1) then `experts`, in one call: [T, L] float32, or None when the kernel cannot run.
 
-    logits: [T, E] router logits (rows may be strided, e.g. a slice of a fused projection); bias: [E] float32.
+    logits: [T, E] router logits (rows may be strided, e.g. a slice of a fused projection); bias: [E] float32;
+    up / down as for `experts`.
     """
     lib = library()
+    w_bf16 = _weight_type(up, down)
     if (
         lib is None
-        or not _usable(logits, bias, x, up, down)
+        or w_bf16 is None
+        or not _usable(logits, bias, x)
         or logits.stride(-1) != 1
         or not (up.is_contiguous() and down.is_contiguous() and bias.is_contiguous())
     ):
@@ -192,7 +210,8 @@ def route_experts(
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_route_experts(
         logits.data_ptr(), logits.stride(0), bias.data_ptr(), top_k, int(norm_topk_prob), scaling, idx.data_ptr(),
-        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), E, F_, out.data_ptr(), torch.get_num_threads(),
+        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("nm3_route_experts: allocation failed")
@@ -306,7 +325,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     weight [N, K] must be the transposed view of a K-major storage (stride (1, ldw), ldw ≥ N), which is how
     the engine stores every Linear on CPU (engine/runner.py, transpose_linear_storage; fused matrices and
-    their column slices alike). x: [..., K] with unit stride in K; bias: [N] contiguous or None.
+    their column slices alike), float32 or bfloat16. x: [..., K] float32 with unit stride in K; bias: [N] float32
+    contiguous or None.
     """
     lib = library()
     if lib is None or x.dim() < 1 or weight.dim() != 2:
@@ -315,16 +335,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.stride(0) != 1 or weight.stride(1) < N or x.shape[-1] != K or x.stride(-1) != 1:
         return None
     rows = x.numel() // K if K else 0
-    if rows == 0 or rows > LINEAR_MAX_ROWS or not _usable(x, weight, *(() if bias is None else (bias,))):
+    w_bf16 = _weight_type(weight)
+    if rows == 0 or rows > LINEAR_MAX_ROWS or w_bf16 is None or not _usable(x, *(() if bias is None else (bias,))):
         return None
     if bias is not None and not bias.is_contiguous():
         return None
     x2 = x.reshape(rows, K)  # a view for the usual [1, T, K] / [T, K] inputs
     out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    lib.nm3_linear(
-        x2.data_ptr(), rows, x2.stride(0), weight.data_ptr(), K, N, weight.stride(1),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), N, torch.get_num_threads(),
+    rc = lib.nm3_linear(
+        x2.data_ptr(), rows, x2.stride(0), weight.data_ptr(), w_bf16, K, N, weight.stride(1),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), N, LINEAR_KSPLIT_BYTES, torch.get_num_threads(),
     )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_linear: allocation failed")
     return out
 
 

@@ -110,9 +110,9 @@ class Attention(nn.Module):
             q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
             return q, k, v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply(self.q_proj, hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = apply(self.k_proj, hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = apply(self.v_proj, hidden).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,14 @@ def fast_path_on() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
-    applies (a few rows, float32, K-major weight); otherwise torch's own."""
+    applies (a few rows, float32 x, K-major float32 or bfloat16 weight); otherwise torch's own. A weight stored
+    in another dtype than x (the engine's weight-only bf16, engine/runner.py) is widened exactly first."""
     if fast_path_on():
         out = native.linear(x, weight, bias)
         if out is not None:
             return out
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)  # keeps the K-major strides
     return F.linear(x, weight, bias)
 
 
@@ -105,5 +108,8 @@ class FusedWeights:
 
 
 def fusable(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
-    """Only float32, bias-free matrices are fused (a fused router must stay float32 in every model dtype)."""
-    return all(w.dtype == torch.float32 for w in weights) and all(b is None for b in biases)
+    """Only bias-free matrices of one dtype, float32 or bfloat16, are fused. The fused path runs only on float32
+    activations (`FusedWeights.usable`), so a fused router computes in float32 from its (widened) weight, as
+    Router.forward does; a bfloat16 model runs unfused."""
+    dtypes = {w.dtype for w in weights}
+    return len(dtypes) == 1 and dtypes <= {torch.float32, torch.bfloat16} and all(b is None for b in biases)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nemotron3.model.fused import apply
+
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     """relu(x)², Nemotron-H's only MLP activation (`mlp_hidden_act: relu2`); there is no gate projection."""
@@ -21,4 +23,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., H] → [..., H]
-        return self.down_proj(relu2(self.up_proj(x)))
+        return apply(self.down_proj, relu2(apply(self.up_proj, x)))

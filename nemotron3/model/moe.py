@@ -13,7 +13,7 @@ from torch import nn
 
 from nemotron3.config import ModelConfig
 from nemotron3.kernels import native
-from nemotron3.model.fused import FusedWeights, fast_path_on, fusable, linear, stack_inputs, stack_outputs
+from nemotron3.model.fused import FusedWeights, apply, fast_path_on, fusable, linear, stack_inputs, stack_outputs
 from nemotron3.model.mlp import MLP, relu2
 
 
@@ -113,7 +113,7 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 seg = xs[start : start + n]
-                ys[start : start + n] = F.linear(relu2(F.linear(seg, self.up_proj[e])), self.down_proj[e])
+                ys[start : start + n] = linear(relu2(linear(seg, self.up_proj[e])), self.down_proj[e])
                 start += n
         out = x.new_zeros(T, x.shape[-1], dtype=torch.float32)
         out.index_add_(0, token, ys.float() * weights.reshape(-1)[order, None])
@@ -182,8 +182,8 @@ class MoE(nn.Module):
             if out is not None:
                 return out.view(shape)
         weights, indices = self.gate(x)
-        latent = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        latent = apply(self.fc1_latent_proj, x) if self.fc1_latent_proj is not None else x
         routed = self.experts(latent, weights, indices).to(hidden.dtype)
         if self.fc2_latent_proj is not None:
-            routed = self.fc2_latent_proj(routed)
+            routed = apply(self.fc2_latent_proj, routed)
         return (routed + self.shared_experts(x)).view(shape)

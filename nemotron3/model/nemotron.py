@@ -63,7 +63,8 @@ class NemotronHForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype: the embedding table's (matrices may be stored narrower, engine/runner.py)."""
+        return self.backbone.embeddings.weight.dtype
 
     @property
     def device(self) -> torch.device:

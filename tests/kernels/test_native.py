@@ -322,6 +322,60 @@ def test_linear_declines_what_it_does_not_take():
         assert native.linear(x[:2], w) is not None
 
 
+@needs_native
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (3, 256, 40)])
+@pytest.mark.parametrize("ksplit", [0, 1 << 30])
+def test_linear_splits_rows_or_columns_over_threads_like_float64(rows, K, N, ksplit, monkeypatch):
+    """Column strips (ksplit 0) and row blocks summed after (every matrix narrower than 1 GiB per thread), over 3
+    threads so the partials have uneven tails; both must be float64-close, with and without bias."""
+    monkeypatch.setattr(native, "LINEAR_KSPLIT_BYTES", ksplit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(rows + K + N)
+        x = torch.randn(rows, K, generator=g)
+        w = k_major(torch.randn(N, K, generator=g) / math.sqrt(K))
+        bias = torch.randn(N, generator=g)
+        for b in (None, bias):
+            ref = x.to(f64) @ w.to(f64).t() + (0 if b is None else b.to(f64))
+            assert_close_rel(native.linear(x, w, b), ref, RTOL, f"ksplit={ksplit} rows={rows} K={K} N={N}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (1, 64, 7)])
+def test_linear_reads_bfloat16_weights_widened_exactly(rows, K, N):
+    """Weight-only bf16: the kernel widens each bf16 weight to float32 (exact) and accumulates in float32, so the
+    float64 product with the widened weight is the reference, to the same 2e-6 as float32 weights."""
+    g = torch.Generator().manual_seed(rows * N + K)
+    x = torch.randn(1, rows, K, generator=g)
+    w = k_major(torch.randn(N, K, generator=g) / math.sqrt(K)).bfloat16()
+    assert w.stride(0) == 1  # the bf16 copy keeps the K-major layout
+    bias = torch.randn(N, generator=g)
+    for b in (None, bias):
+        out = native.linear(x, w, b)
+        assert out is not None and out.dtype == torch.float32
+        ref = x.to(f64) @ w.to(f64).t() + (0 if b is None else b.to(f64))
+        assert_close_rel(out, ref, RTOL, f"bf16 linear rows={rows} K={K} N={N}")
+    assert native.linear(x.bfloat16(), w) is None  # activations must be float32
+
+
+@needs_native
+def test_experts_and_routing_read_bfloat16_weights_widened_exactly():
+    x, up, down, indices, weights = expert_inputs(3, 16, 4, 40, 17, seed=2)
+    up, down = up.bfloat16(), down.bfloat16()
+    out = native.experts(x, up, down, indices, weights)
+    assert out is not None
+    assert_close_rel(out, experts_ref(x, up, down, indices, weights), RTOL, "bf16 experts")
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(3, 16, generator=g), torch.rand(16, generator=g) * 0.2
+    w_ref, i_ref = route_ref(logits, bias, 4, 1, 1, True, 2.5)
+    out = native.route_experts(logits, bias, 4, True, 2.5, x, up, down)
+    assert_close_rel(out, experts_ref(x, up, down, i_ref, w_ref), RTOL, "bf16 route+experts")
+    assert native.experts(x, up.float(), down, indices, weights) is None  # mixed weight dtypes
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_portable_build_matches_float64():
     """The plain-C code path (a CPU without AVX-512, built here with -mno-avx512f) through the same wrappers."""
@@ -332,9 +386,14 @@ def test_portable_build_matches_float64():
         x = torch.randn(3, 70, generator=g)
         w = k_major(torch.randn(45, 70, generator=g))
         assert_close_rel(native.linear(x, w), x.to(f64) @ w.to(f64).t(), RTOL, "portable linear")
+        wb = w.bfloat16()
+        assert_close_rel(native.linear(x, wb), x.to(f64) @ wb.to(f64).t(), RTOL, "portable bf16 linear")
         xe, up, down, indices, weights = expert_inputs(3, 8, 2, 24, 32, seed=1)
         out = native.experts(xe, up, down, indices, weights)
         assert_close_rel(out, experts_ref(xe, up, down, indices, weights), RTOL, "portable experts")
+        up, down = up.bfloat16(), down.bfloat16()
+        out = native.experts(xe, up, down, indices, weights)
+        assert_close_rel(out, experts_ref(xe, up, down, indices, weights), RTOL, "portable bf16 experts")
         q = torch.randn(1, 4, 32, generator=g)
         k_plane, v_plane = torch.randn(2, 1, 64, 32, generator=g)
         out = native.decode_attention(
