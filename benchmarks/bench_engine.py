@@ -52,6 +52,7 @@ import common as C
 import torch
 
 from nemotron3.bench import greedy, make_llm, timed_generate
+from nemotron3.engine.runner import narrow_weight_storage
 
 DEC_PROMPT = 512
 DEC_NEW = 33  # generated tokens: 32 step intervals, the first 2 dropped
@@ -63,9 +64,13 @@ PAIR_BLOCK, PAIR_BLOCKS = 4, 12  # (d) one-process pair: blocks of 4 decode step
 # ============================================================================================ workers
 
 
-def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int):
-    """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm)."""
-    return make_llm(C.load_ours(name, Path(weights)), n_seqs, tokens_per_seq, budget)
+def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, weight_dtype: str | None = None):
+    """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm);
+    weight_dtype "bfloat16": weight-only bf16 (engine/runner.py, narrow_weight_storage)."""
+    model = C.load_ours(name, Path(weights))
+    if weight_dtype == "bfloat16":
+        narrow_weight_storage(model, torch.bfloat16)
+    return make_llm(model, n_seqs, tokens_per_seq, budget)
 
 
 class _Stamp:
@@ -118,7 +123,7 @@ def w_decode(spec: dict) -> dict:
         budget = max(spec.get("budget", 4096), prompt)
         prefill_steps = -(-batch * prompt // budget)
         new = DEC_NEW + prefill_steps - 1  # every sequence decodes together for >= DEC_NEW - 1 steps
-        llm, opts = _ours_llm(name, spec["weights"], batch, prompt + new + 1, budget)
+        llm, opts = _ours_llm(name, spec["weights"], batch, prompt + new + 1, budget, spec.get("weight_dtype"))
         timed_generate(llm, warm, 4)
         run = timed_generate(llm, prompts, new, count_experts=spec.get("count_experts", False))
         res.update(_decode_summary([s.seconds for s in run.decode_steps(batch)], batch))
@@ -357,6 +362,7 @@ def plan(mode: str) -> dict:
         "hf_context_limit_s": 150,  # (d) skip transformers where one run is predicted to take longer
         "profile": True,
         "profile_steps": 24,
+        "bf16_weights": True,  # (a) also ours with weight-only bf16 (not a target: the targets are fp32)
         "worker_timeout": 560,
         "budget_min": 25,
         "quiet_wait_s": 20,  # wait up to this long for other processes to go idle before each worker
@@ -504,14 +510,17 @@ def run_all(r: Runner, P: dict, log) -> dict:
     res: dict = {"decode_b1": {}, "concurrency": {}, "prefill": {}, "context": {}, "context_pair": {}, "profile": {}}
     dp = P["dec_prompt"]
 
-    # (a) batch-1 decode, both configs, A/B interleaved
+    # (a) batch-1 decode, both configs, A/B interleaved; then ours with weight-only bf16 beside them
     log("(a) batch-1 decode")
-    raw = {m: {"ours": [], "hf": []} for m in (M["hybrid"], M["big"])}
+    raw = {m: {"ours": [], "hf": [], "bf16": []} for m in (M["hybrid"], M["big"])}
     for rep in range(P["reps"]):
         for m in raw:
             o, h = ab(r, rep, scenario="decode", model=m, batch=1, prompt=dp, count_experts=(rep == 0))
             raw[m]["ours"].append(o)
             raw[m]["hf"].append(h)
+            if P["bf16_weights"]:
+                spec = {"scenario": "decode", "model": m, "batch": 1, "prompt": dp, "weight_dtype": "bfloat16"}
+                raw[m]["bf16"].append(r.run(engine="ours", **spec))
     for m, d in raw.items():
         mc = C.config(m)
         ours, hf = _cell(d["ours"]), _cell(d["hf"])
@@ -527,6 +536,14 @@ def run_all(r: Runner, P: dict, log) -> dict:
             "ours_achieved_gbs": _ratio(b["total"] / 1e6, ours["median_ms"]),
             "greedy_tokens_identical": len(toks) > 1 and all(t == toks[0] for t in toks),
         }  # fmt: skip
+        if d["bf16"]:
+            cell, b16 = _cell(d["bf16"]), C.decode_bytes(mc, dp + DEC_NEW // 2, matrix_elt=2)
+            res["decode_b1"][m]["ours_bf16_weights"] = {
+                **cell, "speedup_vs_hf_fp32": _ratio(cell["median"], hf["median"]),
+                "speedup_vs_ours_fp32": _ratio(cell["median"], ours["median"]), "bytes_per_step": b16,
+                "roofline_fraction": _ratio(b16["roofline_ms"], cell["median_ms"]),
+                "achieved_gbs": _ratio(b16["total"] / 1e6, cell["median_ms"]),
+            }  # fmt: skip
 
     # (b) aggregate decode with N concurrent requests (ours); transformers batch 8 optional
     log("(b) concurrency")
@@ -692,6 +709,13 @@ def summary_lines(data: dict) -> list[str]:
             f"| {m} roofline {_f(d['roofline_tok_s'])} tok/s ({d['bytes_per_step']['total'] / 1e6:.1f} MB/step) "
             f"| {_pct(d['ours_roofline_fraction'])} | {_pct(d['hf_roofline_fraction'])} | |"
         )
+        if "ours_bf16_weights" in d:
+            w = d["ours_bf16_weights"]
+            lines.append(
+                f"| {m} decode b1, ours with weight-only bf16 ({w['bytes_per_step']['total'] / 1e6:.1f} MB/step, "
+                f"{_pct(w['roofline_fraction'])} of its roofline) | {_f(w['median'])} ({_f(w['median_ms'], 2)}) "
+                f"| fp32 {_f(h['median'])} | {_f(w['speedup_vs_hf_fp32'], 2)}x |"
+            )
     for m, d in res["concurrency"].items():
         for n, cell in d["ours"].items():
             lines.append(
@@ -750,14 +774,17 @@ def plot(data: dict, path: Path) -> bool:
     o = [res["decode_b1"][m]["ours"]["median"] or 0 for m in ms]
     h = [res["decode_b1"][m]["hf"]["median"] or 0 for m in ms]
     roof = [res["decode_b1"][m]["roofline_tok_s"] for m in ms]
-    a.bar([i - 0.2 for i in x], o, 0.4, label="nemotron3")
-    a.bar([i + 0.2 for i in x], h, 0.4, label="transformers 5.23")
-    a.scatter(list(x), roof, marker="_", s=900, color="k", label="35 GB/s roofline")
+    w16 = [(res["decode_b1"][m].get("ours_bf16_weights") or {}).get("median") or 0 for m in ms]
+    bars = [(o, "nemotron3"), (h, "transformers 5.23")] + ([(w16, "nemotron3, weight-only bf16")] if any(w16) else [])
+    width = 0.8 / len(bars)
+    for j, (vals, label) in enumerate(bars):
+        off = (j - (len(bars) - 1) / 2) * width
+        a.bar([i + off for i in x], vals, width, label=label)
+        for i in x:
+            a.annotate(f"{vals[i]:.0f}", (i + off, vals[i]), ha="center", va="bottom", fontsize=8)
+    a.scatter(list(x), roof, marker="_", s=900, color="k", label="35 GB/s roofline (fp32)")
     for i in x:
         a.annotate(f"roofline {roof[i]:.0f}", (i, roof[i]), ha="center", va="bottom", fontsize=8)
-    for i in x:
-        a.annotate(f"{o[i]:.0f}", (i - 0.2, o[i]), ha="center", va="bottom", fontsize=8)
-        a.annotate(f"{h[i]:.0f}", (i + 0.2, h[i]), ha="center", va="bottom", fontsize=8)
     a.set_xticks(list(x), [f"{m}\n@{res['decode_b1'][m]['prompt']}" for m in ms])
     a.set_ylabel("tok/s")
     a.set_title("(a) batch-1 decode")

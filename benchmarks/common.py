@@ -219,21 +219,23 @@ def param_count(mc: ModelConfig) -> int:
 
 
 def decode_bytes(
-    mc: ModelConfig, context: int, batch: int = 1, distinct_experts: float | None = None
+    mc: ModelConfig, context: int, batch: int = 1, distinct_experts: float | None = None, matrix_elt: int = 4
 ) -> dict[str, float]:
     """Bytes one decode step must read (fp32), as perf.md §2 counts them.
 
     Dense weights (everything but the embedding table and the routed experts, lm_head included), the
     embedding rows looked up, the routed experts actually used (distinct per MoE layer; top-k at batch 1),
     the K/V cache read (`context` tokens per sequence) and the Mamba SSM + conv state read and written.
+    matrix_elt = 2 counts the matrices that weight-only bf16 narrows (engine/runner.py narrow_weight_storage:
+    projections, routers, lm_head, routed experts) at 2 bytes.
     """
     with torch.device("meta"):
         from nemotron3.model.nemotron import NemotronHForCausalLM
 
         m = NemotronHForCausalLM(mc)
     elt = 4
-    dense = 0
-    expert = 0
+    dense = 0  # bytes
+    expert = 0  # elements
     for name, p in m.named_parameters():
         if name.startswith("mtp."):
             continue
@@ -242,7 +244,8 @@ def decode_bytes(
         if ".experts." in name and name.endswith(("up_proj", "down_proj")):
             expert += p.numel()
             continue
-        dense += p.numel()
+        matrix = name.endswith(("proj.weight", "lm_head.weight", "gate.weight"))
+        dense += p.numel() * (matrix_elt if matrix else elt)
     kinds = mc.layers_block_type
     n_moe = sum(k == "moe" for k in kinds)
     n_attn = sum(k == "full_attention" for k in kinds)
@@ -261,12 +264,12 @@ def decode_bytes(
             + mc.mamba_conv_dim * (mc.conv_kernel - 1) * elt
         )
     )
-    lm_head = mc.vocab_size * mc.hidden_size * elt
+    lm_head = mc.vocab_size * mc.hidden_size * matrix_elt
     out = {
-        "dense_weights": dense * elt,
+        "dense_weights": dense,
         "lm_head": lm_head,
         "embedding_rows": batch * mc.hidden_size * elt,
-        "routed_experts": n_moe * used * per_expert * elt,
+        "routed_experts": n_moe * used * per_expert * matrix_elt,
         "distinct_experts_per_layer": used,
         "kv_cache": kv,
         "ssm_conv_state": ssm,

@@ -216,6 +216,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- generate
 
 
+def _add_weight_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
+                        "decode reads half the bytes (README, docs/benchmarks.md)")  # fmt: skip
+
+
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text or tokens with the engine")
     p.add_argument(
@@ -239,9 +245,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
-                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
-                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
+    _add_weight_dtype(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     p.set_defaults(func=cmd_generate)
@@ -305,9 +309,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed prefill repetitions (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
-                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
-                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
+    _add_weight_dtype(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
@@ -704,9 +706,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
-                   help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
-                        "decode reads half the bytes (docs/engine.md)")  # fmt: skip
+    _add_weight_dtype(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -40,6 +40,9 @@ def test_cli_bench_table_and_errors(capsys):
     assert "prefill (batch 1)" in text and "decode tok/s" in text
     assert main(["bench", "tiny", "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "tiny", "--batch", "1", "--prompt-len", "8", "--max-tokens", "3", "--reps", "1",
+                 "--weight-dtype", "bfloat16"]) == 0  # fmt: skip
+    assert "(bf16 matrices)" in capsys.readouterr().out
     assert main(["bench", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
 
@@ -74,6 +77,9 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         assert d["ours"]["median"] > 0 and d["hf"]["median"] > 0 and d["speedup_vs_hf"] > 0
         assert 0 < d["ours_roofline_fraction"] and d["bytes_per_step"]["total"] > 0
         assert d["greedy_tokens_identical"]  # same weights, same greedy tokens in both engines
+        w = d["ours_bf16_weights"]  # weight-only bf16 reads fewer bytes per step than fp32
+        assert w["median"] > 0 and w["bytes_per_step"]["total"] < d["bytes_per_step"]["total"]
+        assert w["speedup_vs_hf_fp32"] == pytest.approx(w["median"] / d["hf"]["median"])
         assert set(res["concurrency"][m]["ours"]) == {"1", "2", "4"}
         assert all(c["median"] > 0 for c in res["concurrency"][m]["ours"].values())
         assert res["concurrency"][m]["hf_batch8"]["median"] > 0

@@ -45,5 +45,7 @@ def test_default_model_generates_text() -> None:
 def test_cli_uses_the_default_model(capsys) -> None:
     assert main(["generate", "--prompt", "KING.", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["generate", "--prompt", "KING.", "--max-tokens", "4", "--weight-dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip()
     assert main(["info", "--json"]) == 0
     assert '"model"' in capsys.readouterr().out
