@@ -46,7 +46,8 @@ _SIGNATURES = {
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
 }
 LINEAR_MAX_ROWS = 4  # rows (tokens) up to which `linear` runs natively: a decode step's GEMVs; more go to MKL
-LINEAR_KSPLIT_BYTES = 8192  # nm3_linear splits rows, not columns, over threads whose column strip is narrower
+LINEAR_KSPLIT_BYTES = 32768  # nm3_linear splits rows, not columns, over threads whose column strip is narrower
+_WEIGHT_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' w_bf16 argument per weight dtype
 
 
 def _cpu_flags() -> str:
@@ -328,22 +329,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     their column slices alike), float32 or bfloat16. x: [..., K] float32 with unit stride in K; bias: [N] float32
     contiguous or None.
     """
-    lib = library()
-    if lib is None or x.dim() < 1 or weight.dim() != 2:
+    lib = _lib if _tried else library()
+    w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
+    if lib is None or w_bf16 is None or x.dtype is not torch.float32 or weight.dim() != 2 or x.dim() < 1:
         return None
     N, K = weight.shape
-    if weight.stride(0) != 1 or weight.stride(1) < N or x.shape[-1] != K or x.stride(-1) != 1:
+    shape = x.shape
+    if weight.stride(0) != 1 or weight.stride(1) < N or shape[-1] != K or x.stride(-1) != 1 or not K:
         return None
-    rows = x.numel() // K if K else 0
-    w_bf16 = _weight_type(weight)
-    if rows == 0 or rows > LINEAR_MAX_ROWS or w_bf16 is None or not _usable(x, *(() if bias is None else (bias,))):
+    rows = x.numel() // K
+    if rows == 0 or rows > LINEAR_MAX_ROWS or not (x.is_cpu and weight.is_cpu):
         return None
-    if bias is not None and not bias.is_contiguous():
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or not bias.is_contiguous()):
         return None
-    x2 = x.reshape(rows, K)  # a view for the usual [1, T, K] / [T, K] inputs
-    out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if x.dim() == 2 or (x.dim() == 3 and shape[0] == 1):  # [T, K] / [1, T, K]: rows are stride(-2) apart
+        ldx = x.stride(-2)
+    else:
+        x = x.reshape(rows, K)
+        ldx = x.stride(0)
+    out = torch.empty(*shape[:-1], N, dtype=torch.float32)
     rc = lib.nm3_linear(
-        x2.data_ptr(), rows, x2.stride(0), weight.data_ptr(), w_bf16, K, N, weight.stride(1),
+        x.data_ptr(), rows, ldx, weight.data_ptr(), w_bf16, K, N, weight.stride(1),
         None if bias is None else bias.data_ptr(), out.data_ptr(), N, LINEAR_KSPLIT_BYTES, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
