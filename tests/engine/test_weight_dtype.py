@@ -86,3 +86,22 @@ def test_bad_weight_dtype_is_rejected(ours):
         LLMEngine(copy.deepcopy(ours), config=EngineConfig(weight_dtype="int8"))
     with pytest.raises(ValueError, match="weight_dtype"):
         LLMEngine(copy.deepcopy(ours).to(torch.bfloat16), config=EngineConfig(weight_dtype="float32"))
+
+
+def test_speculative_decoding_with_bf16_weights_is_lossless():
+    """MTP drafts verified by the narrowed target: the same greedy tokens as plain decoding of that target
+    (the MTP block's own matrices are narrowed too)."""
+    from nemotron3.config import preset
+
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(preset("tiny"))
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, 256, (n,), generator=g).tolist()} for n in PROMPT_LENS]
+    opts = {"weight_dtype": "bfloat16", "kv_cache_memory_bytes": 8 << 20}
+    plain = LLM(copy.deepcopy(model), **opts).generate(prompts, GREEDY)
+    spec = LLM(copy.deepcopy(model), speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **opts)
+    drafted = spec.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in drafted] == [o.outputs[0].token_ids for o in plain]
+    assert spec.engine.model.mtp.layers[0].eh_proj.weight.dtype == torch.bfloat16
