@@ -41,8 +41,8 @@ def test_cli_bench_table_and_errors(capsys):
     assert main(["bench", "tiny", "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
     assert main(["bench", "tiny", "--batch", "1", "--prompt-len", "8", "--max-tokens", "3", "--reps", "1",
-                 "--weight-dtype", "bfloat16"]) == 0  # fmt: skip
-    assert "(bf16 matrices)" in capsys.readouterr().out
+                 "--weight-dtype", "bfloat16", "--kv-cache-dtype", "bfloat16"]) == 0  # fmt: skip
+    assert "(bf16 matrices), K/V bfloat16" in capsys.readouterr().out
     assert main(["bench", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
 

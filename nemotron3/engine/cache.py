@@ -102,10 +102,12 @@ class HybridCache:
 
     def __init__(
         self, config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
-        mtp_attention_layers: int = 0,
+        mtp_attention_layers: int = 0, kv_dtype: torch.dtype | None = None,
     ):  # fmt: skip
-        """mtp_attention_layers: extra K/V planes for the MTP block's attention layers (speculative decoding);
-        they share each sequence's block table, MTP position i living where main position i does."""
+        """dtype: the activations' (conv windows); kv_dtype: the K/V pools' (default dtype; bfloat16 halves them,
+        K and V are rounded as they are written). mtp_attention_layers: extra K/V planes for the MTP block's
+        attention layers (speculative decoding); they share each sequence's block table, MTP position i living
+        where main position i does."""
         self.config = config
         self.cache_config = cache_config
         self.block_size = cache_config.block_size
@@ -116,12 +118,13 @@ class HybridCache:
         self.mtp_planes = [n_attn + j for j in range(mtp_attention_layers)]
         n_planes = n_attn + mtp_attention_layers
         ssm_dtype = SSM_DTYPES[config.mamba_ssm_cache_dtype]
-        elt = torch.tensor([], dtype=dtype).element_size()
+        kv_dtype = kv_dtype or dtype
+        elt, kv_elt = dtype.itemsize, kv_dtype.itemsize
         slot_bytes = n_mamba * (
             config.mamba_conv_dim * (config.conv_kernel - 1) * elt
             + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
         )
-        block_bytes = n_planes * 2 * config.num_key_value_heads * self.block_size * config.head_dim * elt
+        block_bytes = n_planes * 2 * config.num_key_value_heads * self.block_size * config.head_dim * kv_elt
         slots = cache_config.max_num_seqs
         left = cache_config.memory_bytes - slots * slot_bytes
         if left < 0:
@@ -136,8 +139,8 @@ class HybridCache:
         self.slot_bytes, self.block_bytes = slot_bytes, block_bytes
         tokens = self.num_blocks * self.block_size
         nkv, d = config.num_key_value_heads, config.head_dim
-        self.k = torch.zeros(n_planes, nkv, tokens, d, dtype=dtype, device=device)
-        self.v = torch.zeros(n_planes, nkv, tokens, d, dtype=dtype, device=device)
+        self.k = torch.zeros(n_planes, nkv, tokens, d, dtype=kv_dtype, device=device)
+        self.v = torch.zeros(n_planes, nkv, tokens, d, dtype=kv_dtype, device=device)
         self.conv = torch.zeros(n_mamba, slots, config.mamba_conv_dim, config.conv_kernel - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(
             n_mamba, slots, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size,
@@ -185,6 +188,11 @@ class HybridCache:
         pos = torch.arange(start, start + n)
         blocks = seq.table()[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
+
+    def write(self, j: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K and V [nkv, n, d] of plane j at pool token indices idx [n], in the pool's dtype."""
+        self.k[j].index_copy_(1, idx, k.to(self.k.dtype))
+        self.v[j].index_copy_(1, idx, v.to(self.v.dtype))
 
     def kv_view(self, layer: int, seq: SeqCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first `length` tokens of a sequence: [nkv, length, d] (a view when blocks are consecutive)."""

@@ -23,6 +23,9 @@ from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.nemotron import NemotronHForCausalLM
 
 
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class EngineConfig:
     """Engine options (vLLM's names where they exist)."""
@@ -37,6 +40,9 @@ class EngineConfig:
     # "bfloat16": weight-only bf16 on a float32 model (engine/runner.py, narrow_weight_storage): matrices stored
     # in bf16 and widened in the kernels, everything else float32; decode reads half the bytes. None: as loaded.
     weight_dtype: str | None = None
+    # K/V pool dtype (vLLM's name): "auto" = the model's; "bfloat16" halves the K/V memory and the bytes decode
+    # attention reads (K and V are rounded as they are written; attention math stays float32).
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -71,9 +77,11 @@ class LLMEngine:
                         f"{model.dtype} (load it with dtype='float32')"
                     )
                 narrow_weight_storage(model, WEIGHT_DTYPES[config.weight_dtype])
+        if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {config.kv_cache_dtype!r}")
         self.cache = HybridCache(
             mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype,
-            model.device, mtp_attention_layers,
+            model.device, mtp_attention_layers, KV_CACHE_DTYPES[config.kv_cache_dtype],
         )  # fmt: skip
         capacity = self.cache.num_blocks * self.cache.block_size if self.cache.has_attention else 1 << 62
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -212,8 +212,7 @@ class ModelRunner:
     def _attention(self, layer: int, attn, x: torch.Tensor, segments: list[Segment], offsets: list[int], write_idx):
         j = self.cache.attn_index[layer]
         q, k, v = attn.qkv(x)  # q [1, nq, T, d]; k, v [1, nkv, T, d]
-        self.cache.k[j].index_copy_(1, write_idx, k[0])
-        self.cache.v[j].index_copy_(1, write_idx, v[0])
+        self.cache.write(j, write_idx, k[0], v[0])
         outs, first = [], 0
         n_dec = 0  # leading one-token decode rows (speculative verify rows carry several tokens)
         while n_dec < len(segments) and segments[n_dec].decode and offsets[n_dec + 1] - offsets[n_dec] == 1:
@@ -226,7 +225,7 @@ class ModelRunner:
         for n in range(first, len(segments)):
             s, a, b = segments[n], offsets[n], offsets[n + 1]
             keys, values = self.cache.kv_view(layer, s.seq, s.seq.num_tokens + (b - a))
-            outs.append(causal_attention(q[:, :, a:b], keys[None], values[None]))
+            outs.append(causal_attention(q[:, :, a:b], keys[None].to(q.dtype), values[None].to(q.dtype)))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return attn.output(out)
 

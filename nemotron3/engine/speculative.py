@@ -277,12 +277,12 @@ class SpecRunner(ModelRunner):
                 plane = self.mtp_plane[n]
                 q, k, v = layer.mixer.qkv(x)
                 write_idx = torch.cat([self.cache.token_positions(s.seq, s.start, len(s.tokens)) for s in segs])
-                self.cache.k[plane].index_copy_(1, write_idx.to(device), k[0])
-                self.cache.v[plane].index_copy_(1, write_idx.to(device), v[0])
+                self.cache.write(plane, write_idx.to(device), k[0], v[0])
                 outs = []
                 for m, s in enumerate(segs):
                     keys, values = self.cache.plane_view(plane, s.seq, s.start + len(s.tokens))
-                    outs.append(causal_attention(q[:, :, offsets[m] : offsets[m + 1]], keys[None], values[None]))
+                    keys, values = keys[None].to(q.dtype), values[None].to(q.dtype)
+                    outs.append(causal_attention(q[:, :, offsets[m] : offsets[m + 1]], keys, values))
                 out = layer.mixer.output(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
             else:
                 out = layer.mixer(x)

@@ -7,8 +7,9 @@
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
  *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
  * The weight-streaming kernels (nm3_linear, nm3_experts, nm3_route_experts) read float32 or bfloat16 weights
- * (`w_bf16`): a bfloat16 is the upper half of a float32, so widening it is a 16-bit shift and every product
- * and sum stays float32. Activations, states and outputs are always float32.
+ * (`w_bf16`), and nm3_decode_attention a float32 or bfloat16 K/V cache (`kv_bf16`): a bfloat16 is the upper half
+ * of a float32, so widening it is a 16-bit shift and every product and sum stays float32. Activations, states
+ * and outputs are always float32.
  * Every kernel takes the thread count (torch.get_num_threads(), so the engine thread of a server uses
  * the same count as the main thread). Built once per machine by nemotron3/kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes. The library links the libgomp.so.1 that torch has already loaded, so both share one OpenMP pool
@@ -381,8 +382,10 @@ static inline __m512 hsum16(const __m512 *v) {
 }
 #endif
 
-/* out[i] = scale · q·key[i] for the n ≤ ATT_TILE rows `keys` (d floats each). */
-static void scores(const float *q, const float *const *keys, int64_t n, int64_t d, float scale, float *out) {
+/* out[i] = scale · q·key[i] for the n ≤ ATT_TILE rows `keys` (d elements each: float32, or bfloat16 when bf16;
+ * inlined per type). */
+static inline __attribute__((always_inline)) void scores(const float *q, const void *const *keys, const int bf16,
+                                                         int64_t n, int64_t d, float scale, float *out) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     if (d % 16 == 0)
@@ -391,7 +394,7 @@ static void scores(const float *q, const float *const *keys, int64_t n, int64_t 
             for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
             for (int64_t c = 0; c < d; c += 16) {
                 __m512 qc = _mm512_loadu_ps(q + c);
-                for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys[i + r] + c), v[r]);
+                for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, w_load(keys[i + r], c, bf16), v[r]);
             }
             _mm512_storeu_ps(out + i, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
         }
@@ -399,15 +402,19 @@ static void scores(const float *q, const float *const *keys, int64_t n, int64_t 
     for (; i < n; i++) {
         const float *qs[1] = {q};
         float v;
-        dot_many(keys[i], qs, 1, d, &v);
+        if (bf16)
+            dot_many_bf16(keys[i], qs, 1, d, &v);
+        else
+            dot_many(keys[i], qs, 1, d, &v);
         out[i] = v * scale;
     }
 }
 
 /* acc[j][c] += Σ_i p[j][i]·vals[i][c] (c < d) for nh ≤ 4 heads j, p[j] = p + j·ATT_TILE: each value row is
  * loaded once for every head, 64 columns (4 vectors) at a time, in address order; 4 heads × 4 vectors are 16
- * independent accumulator chains. */
-static void weighted_sum(const float *p, int64_t nh, const float *const *vals, int64_t n, int64_t d, float *acc) {
+ * independent accumulator chains. Values float32, or bfloat16 when bf16 (inlined per type). */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, int64_t nh, const void *const *vals,
+                                                               const int bf16, int64_t n, int64_t d, float *acc) {
     int64_t c = 0;
 #if defined(__AVX512F__)
     for (; c + 16 <= d; c += 64) {
@@ -418,7 +425,7 @@ static void weighted_sum(const float *p, int64_t nh, const float *const *vals, i
                 a[j][v] = j < nh && v < nv ? _mm512_loadu_ps(acc + j * d + c + 16 * v) : _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
             __m512 x[4];
-            for (int64_t v = 0; v < 4; v++) x[v] = v < nv ? _mm512_loadu_ps(vals[i] + c + 16 * v) : _mm512_setzero_ps();
+            for (int64_t v = 0; v < 4; v++) x[v] = v < nv ? w_load(vals[i], c + 16 * v, bf16) : _mm512_setzero_ps();
             for (int64_t j = 0; j < 4; j++)
                 if (j < nh) {
                     __m512 w = _mm512_set1_ps(p[j * ATT_TILE + i]);
@@ -436,16 +443,19 @@ static void weighted_sum(const float *p, int64_t nh, const float *const *vals, i
     for (; c < d; c++)
         for (int64_t j = 0; j < nh; j++) {
             float s = acc[j * d + c];
-            for (int64_t i = 0; i < n; i++) s += p[j * ATT_TILE + i] * vals[i][c];
+            for (int64_t i = 0; i < n; i++) s += p[j * ATT_TILE + i] * w_at(vals[i], c, bf16);
             acc[j * d + c] = s;
         }
 }
 
 /* Attention of one KV head's g query heads over keys [t0, t1) of one sequence, in one pass over K and V
  * (online softmax, tile by tile): on return m[j] is the running max of head j's scaled scores, l[j] = Σ e^(s−m),
- * acc[j] = Σ e^(s−m)·v (unnormalised). Empty ranges leave m = −inf, l = 0, acc = 0. */
-static void attend_range(const float *qh, int64_t g, int64_t d, const float *kb, const float *vb, const int64_t *tab,
-                         int64_t bs, int64_t t0, int64_t t1, float scale, float *m, float *l, float *acc) {
+ * acc[j] = Σ e^(s−m)·v (unnormalised). Empty ranges leave m = −inf, l = 0, acc = 0. K/V float32, or bfloat16
+ * when bf16 (inlined per type). */
+static inline __attribute__((always_inline)) void attend_range(const float *qh, int64_t g, int64_t d, const void *kb,
+                                                               const void *vb, const int bf16, const int64_t *tab,
+                                                               int64_t bs, int64_t t0, int64_t t1, float scale,
+                                                               float *m, float *l, float *acc) {
     float sc[g * ATT_TILE];
     for (int64_t j = 0; j < g; j++) {
         m[j] = -INFINITY;
@@ -462,17 +472,17 @@ static void attend_range(const float *qh, int64_t g, int64_t d, const float *kb,
                 blk++;
             }
         }
-        const float *keys[ATT_TILE], *vals[ATT_TILE];
+        const void *keys[ATT_TILE], *vals[ATT_TILE];
         for (int64_t i = 0; i < nt; i++) {
-            keys[i] = kb + rows[i];
-            vals[i] = vb + rows[i];
+            keys[i] = w_offset(kb, rows[i], bf16);
+            vals[i] = w_offset(vb, rows[i], bf16);
         }
 #if defined(__AVX512F__)
         for (int64_t i = 0; i < nt; i++) /* this tile's values arrive while its scores are computed */
-            for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)(vals[i] + c), _MM_HINT_T0);
+            for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)w_offset(vals[i], c, bf16), _MM_HINT_T0);
 #endif
         for (int64_t j = 0; j < g; j++) /* the tile's keys stay in L1 across the g heads */
-            scores(qh + j * d, keys, nt, d, scale, sc + j * ATT_TILE);
+            scores(qh + j * d, keys, bf16, nt, d, scale, sc + j * ATT_TILE);
         for (int64_t j = 0; j < g; j++) { /* rescale the running sums to the new max, add this tile's weights */
             float *row = sc + j * ATT_TILE, mt = m[j];
             for (int64_t i = 0; i < nt; i++) mt = row[i] > mt ? row[i] : mt;
@@ -483,20 +493,21 @@ static void attend_range(const float *qh, int64_t g, int64_t d, const float *kb,
             for (int64_t c = 0; c < d; c++) aj[c] *= corr;
         }
         for (int64_t j = 0; j < g; j += 4)
-            weighted_sum(sc + j * ATT_TILE, g - j < 4 ? g - j : 4, vals, nt, d, acc + j * d);
+            weighted_sum(sc + j * ATT_TILE, g - j < 4 ? g - j : 4, vals, bf16, nt, d, acc + j * d);
     }
 }
 
 /* out = softmax(q·Kᵀ·scale)·V for n decoding sequences, each one query row of nq heads, GQA (head j reads KV
- * head j / (nq/nkv)). q [n, nq, d]; k_plane, v_plane [nkv, tokens, d], the pool of one attention layer; sequence
+ * head j / (nq/nkv)). q [n, nq, d]; k_plane, v_plane [nkv, tokens, d], the pool of one attention layer (float32,
+ * or bfloat16 when kv_bf16: a bf16 K/V cache, widened as it is read); sequence
  * s has lens[s] keys at block ids tables[table_off[s] ...] (key t at row tables[t / bs]·bs + t % bs).
  * out [n, nq, d]. Work items are (sequence, KV head, key range): each reads its keys and values once for all
  * its query heads (attend_range). When there are fewer (sequence, KV head) pairs than threads, each sequence's
  * keys are split into `parts` ranges (split-K) and the partial softmax sums are merged:
  * out = Σ_p e^(m_p − M)·acc_p / Σ_p e^(m_p − M)·l_p, M = max_p m_p. Returns 0, or -2 if scratch fails. */
-int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const float *v_plane, int64_t tokens,
-                         const int64_t *tables, const int64_t *table_off, const int64_t *lens, int64_t bs, int64_t nq,
-                         int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
+int nm3_decode_attention(int64_t n, const float *q, const void *k_plane, const void *v_plane, int kv_bf16,
+                         int64_t tokens, const int64_t *tables, const int64_t *table_off, const int64_t *lens,
+                         int64_t bs, int64_t nq, int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
     int64_t g = nq / nkv, pairs = n * nkv, longest = 0;
     for (int64_t s = 0; s < n; s++) longest = lens[s] > longest ? lens[s] : longest;
     int64_t parts = 1;
@@ -515,9 +526,13 @@ int nm3_decode_attention(int64_t n, const float *q, const float *k_plane, const 
         for (int64_t it = 0; it < items; it++) {
             int64_t pr = it / parts, p = it % parts, s = pr / nkv, hk = pr % nkv, L = lens[s];
             float *mine = part + it * g * (d + 2);
-            attend_range(q + (s * nq + hk * g) * d, g, d, k_plane + hk * tokens * d, v_plane + hk * tokens * d,
-                         tables + table_off[s], bs, L * p / parts, L * (p + 1) / parts, scale, mine, mine + g,
-                         mine + 2 * g);
+            const float *qh = q + (s * nq + hk * g) * d;
+            const void *kh = w_offset(k_plane, hk * tokens * d, kv_bf16), *vh = w_offset(v_plane, hk * tokens * d, kv_bf16);
+            int64_t a = L * p / parts, b = L * (p + 1) / parts;
+            if (kv_bf16)
+                attend_range(qh, g, d, kh, vh, 1, tables + table_off[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
+            else
+                attend_range(qh, g, d, kh, vh, 0, tables + table_off[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < pairs * g; r++) { /* merge the parts of (sequence, KV head, query head j) */

@@ -40,7 +40,7 @@ _SIGNATURES = {
         [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p, _n],
     ),
     "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _n, _i, _i, _p, _n]),
-    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
+    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _n, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
     "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
@@ -281,17 +281,24 @@ def decode_attention(
 
     q: [n, nq, d]; k_plane, v_plane: [nkv, tokens, d] (one layer's pool, contiguous); tables: int64, every
     sequence's block ids back to back, sequence s's starting at table_offsets[s]; lengths: [n] keys per
-    sequence (the new token's K/V already written). Scale 1/√d, softmax in float32.
+    sequence (the new token's K/V already written). Scale 1/√d, softmax in float32. The pool may be float32 or
+    bfloat16 (a bf16 K/V cache, widened as it is read); q is float32.
     """
     lib = library()
-    if lib is None or not _usable(q, k_plane, v_plane) or not (k_plane.is_contiguous() and v_plane.is_contiguous()):
+    kv_bf16 = _weight_type(k_plane, v_plane)
+    if (
+        lib is None
+        or kv_bf16 is None
+        or not _usable(q)
+        or not (k_plane.is_contiguous() and v_plane.is_contiguous())
+    ):
         return None
     q = q.contiguous()
     n, nq, d = q.shape
     nkv, tokens, _ = k_plane.shape
     out = torch.empty(n, nq, d, dtype=torch.float32)
     rc = lib.nm3_decode_attention(
-        n, q.data_ptr(), k_plane.data_ptr(), v_plane.data_ptr(), tokens, tables.data_ptr(), table_offsets.data_ptr(),
+        n, q.data_ptr(), k_plane.data_ptr(), v_plane.data_ptr(), kv_bf16, tokens, tables.data_ptr(), table_offsets.data_ptr(),
         lengths.data_ptr(), block_size, nq, nkv, d, d**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

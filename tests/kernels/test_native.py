@@ -182,12 +182,14 @@ def test_disabled_by_environment(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize(("nq", "nkv", "d"), [(8, 2, 64), (6, 1, 12), (12, 4, 20), (64, 2, 16)])
-def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d):
-    """Sequences of different lengths whose blocks are out of order and interleaved in the pool."""
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d, kv_dtype):
+    """Sequences of different lengths whose blocks are out of order and interleaved in the pool; a bf16 pool
+    (kv_cache_dtype) is widened exactly as it is read, so float64 on the widened K/V is its reference too."""
     g = torch.Generator().manual_seed(nq + d)
     bs, n_blocks = 4, 400
-    k_plane = torch.randn(nkv, n_blocks * bs, d, generator=g)
-    v_plane = torch.randn(nkv, n_blocks * bs, d, generator=g)
+    k_plane = torch.randn(nkv, n_blocks * bs, d, generator=g).to(kv_dtype)
+    v_plane = torch.randn(nkv, n_blocks * bs, d, generator=g).to(kv_dtype)
     lengths = [1, 7, 33, 700]
     perm = torch.randperm(n_blocks, generator=g).tolist()
     tables, offsets, start = [], [], 0
@@ -402,6 +404,12 @@ def test_portable_build_matches_float64():
         rows = torch.tensor([[3, 0, 1, 2][t // 16] * 16 + t % 16 for t in range(50)])
         ref = attention_ref(q[0][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
         assert_close_rel(out[0], ref, RTOL, "portable attention")
+        k16, v16 = k_plane.bfloat16(), v_plane.bfloat16()
+        out = native.decode_attention(
+            q, k16, v16, torch.tensor([3, 0, 1, 2]), torch.tensor([0]), torch.tensor([50]), 16
+        )
+        ref = attention_ref(q[0][None, :, None], k16[:, rows][None], v16[:, rows][None])[0, :, 0]
+        assert_close_rel(out[0], ref, RTOL, "portable bf16 attention")
     finally:
         native.use(before)
 
