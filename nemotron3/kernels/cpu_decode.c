@@ -143,6 +143,19 @@ static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* max(m, x[0], …, x[n−1]): 4 independent vector chains, not a scalar chain of n dependent maxes. */
+static float max_of(const float *x, int64_t n, float m) {
+    __m512 acc[4];
+    for (int c = 0; c < 4; c++) acc[c] = _mm512_set1_ps(m);
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        for (int c = 0; c < 4; c++) acc[c] = _mm512_max_ps(acc[c], _mm512_loadu_ps(x + i + 16 * c));
+    for (; i + 16 <= n; i += 16) acc[0] = _mm512_max_ps(acc[0], _mm512_loadu_ps(x + i));
+    float r = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3])));
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
 static float exp_sub_sum(float *x, int64_t n, float m) {
     __m512 mv = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
     int64_t i = 0;
@@ -156,6 +169,11 @@ static float exp_sub_sum(float *x, int64_t n, float m) {
     return s;
 }
 #else
+static float max_of(const float *x, int64_t n, float m) {
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 static float exp_sub_sum(float *x, int64_t n, float m) {
     float s = 0.0f;
     for (int64_t i = 0; i < n; i++) s += (x[i] = expf(x[i] - m));
@@ -382,14 +400,38 @@ static inline __m512 hsum16(const __m512 *v) {
 }
 #endif
 
+#if defined(__AVX512F__)
+/* out[0..15] = scale · q·key[r] for 16 keys at key[r] = base + r·d (one pool block, or adjacent ones), with d a
+ * constant at the call site: every load is the base pointer plus an immediate offset. */
+static inline __attribute__((always_inline)) void scores16_linear(const float *q, const void *base, const int bf16,
+                                                                  const int64_t d, float scale, float *out) {
+    __m512 v[16];
+    for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+        __m512 qc = _mm512_loadu_ps(q + c);
+        for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, w_load(base, r * d + c, bf16), v[r]);
+    }
+    _mm512_storeu_ps(out, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
+}
+#endif
+
 /* out[i] = scale · q·key[i] for the n ≤ ATT_TILE rows `keys` (d elements each: float32, or bfloat16 when bf16;
- * inlined per type). */
+ * inlined per type). Groups of 16 keys one transposed reduction each; groups that sit at consecutive rows (keys
+ * 0 and 15 are 15 rows apart: they span one block or two adjacent ones) of the common head sizes address them
+ * from one pointer. */
 static inline __attribute__((always_inline)) void scores(const float *q, const void *const *keys, const int bf16,
                                                          int64_t n, int64_t d, float scale, float *out) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     if (d % 16 == 0)
-        for (; i + 16 <= n; i += 16) { /* 16 keys: one accumulator each, then one transposed reduction */
+        for (; i + 16 <= n; i += 16) {
+            if (keys[i + 15] == w_offset(keys[i], 15 * d, bf16) && (d == 64 || d == 128)) {
+                if (d == 64)
+                    scores16_linear(q, keys[i], bf16, 64, scale, out + i);
+                else
+                    scores16_linear(q, keys[i], bf16, 128, scale, out + i);
+                continue;
+            }
             __m512 v[16];
             for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
             for (int64_t c = 0; c < d; c += 16) {
@@ -412,33 +454,46 @@ static inline __attribute__((always_inline)) void scores(const float *q, const v
 
 /* acc[j][c] += Σ_i p[j][i]·vals[i][c] (c < d) for nh ≤ 4 heads j, p[j] = p + j·ATT_TILE: each value row is
  * loaded once for every head, 64 columns (4 vectors) at a time, in address order; 4 heads × 4 vectors are 16
- * independent accumulator chains. Values float32, or bfloat16 when bf16 (inlined per type). */
+ * independent accumulator chains. Values float32, or bfloat16 when bf16. Inlined per type, and with constant
+ * nh and nv (vectors per block) for the common 4 heads × 64 columns, so the key loop has no branches. */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void weighted_block(const float *p, const int nh, const void *const *vals,
+                                                                 const int bf16, int64_t n, int64_t c, const int nv,
+                                                                 float *acc, int64_t d) {
+    __m512 a[4][4];
+    for (int j = 0; j < nh; j++)
+        for (int v = 0; v < nv; v++) a[j][v] = _mm512_loadu_ps(acc + j * d + c + 16 * v);
+    for (int64_t i = 0; i < n; i++) {
+        __m512 x[4];
+        for (int v = 0; v < nv; v++) x[v] = w_load(vals[i], c + 16 * v, bf16);
+        for (int j = 0; j < nh; j++) {
+            __m512 w = _mm512_set1_ps(p[j * ATT_TILE + i]);
+            for (int v = 0; v < nv; v++) a[j][v] = _mm512_fmadd_ps(w, x[v], a[j][v]);
+        }
+    }
+    for (int j = 0; j < nh; j++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(acc + j * d + c + 16 * v, a[j][v]);
+}
+#endif
+
 static inline __attribute__((always_inline)) void weighted_sum(const float *p, int64_t nh, const void *const *vals,
                                                                const int bf16, int64_t n, int64_t d, float *acc) {
     int64_t c = 0;
 #if defined(__AVX512F__)
-    for (; c + 16 <= d; c += 64) {
-        int64_t nv = (d - c) / 16 < 4 ? (d - c) / 16 : 4; /* vectors in this block */
-        __m512 a[4][4];
-        for (int64_t j = 0; j < 4; j++)
-            for (int64_t v = 0; v < 4; v++)
-                a[j][v] = j < nh && v < nv ? _mm512_loadu_ps(acc + j * d + c + 16 * v) : _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i++) {
-            __m512 x[4];
-            for (int64_t v = 0; v < 4; v++) x[v] = v < nv ? w_load(vals[i], c + 16 * v, bf16) : _mm512_setzero_ps();
-            for (int64_t j = 0; j < 4; j++)
-                if (j < nh) {
-                    __m512 w = _mm512_set1_ps(p[j * ATT_TILE + i]);
-                    for (int64_t v = 0; v < 4; v++) a[j][v] = _mm512_fmadd_ps(w, x[v], a[j][v]);
-                }
+    for (; c + 64 <= d; c += 64)
+        switch (nh) {
+        case 1: weighted_block(p, 1, vals, bf16, n, c, 4, acc, d); break;
+        case 2: weighted_block(p, 2, vals, bf16, n, c, 4, acc, d); break;
+        case 3: weighted_block(p, 3, vals, bf16, n, c, 4, acc, d); break;
+        default: weighted_block(p, 4, vals, bf16, n, c, 4, acc, d); break;
         }
-        for (int64_t j = 0; j < nh; j++)
-            for (int64_t v = 0; v < nv; v++) _mm512_storeu_ps(acc + j * d + c + 16 * v, a[j][v]);
-        if (nv < 4) {
-            c += 16 * nv;
-            break;
+    for (; c + 16 <= d; c += 16) /* other head counts, and column tails, one vector at a time */
+        switch (nh) {
+        case 1: weighted_block(p, 1, vals, bf16, n, c, 1, acc, d); break;
+        case 2: weighted_block(p, 2, vals, bf16, n, c, 1, acc, d); break;
+        case 3: weighted_block(p, 3, vals, bf16, n, c, 1, acc, d); break;
+        default: weighted_block(p, 4, vals, bf16, n, c, 1, acc, d); break;
         }
-    }
 #endif
     for (; c < d; c++)
         for (int64_t j = 0; j < nh; j++) {
@@ -477,15 +532,10 @@ static inline __attribute__((always_inline)) void attend_range(const float *qh, 
             keys[i] = w_offset(kb, rows[i], bf16);
             vals[i] = w_offset(vb, rows[i], bf16);
         }
-#if defined(__AVX512F__)
-        for (int64_t i = 0; i < nt; i++) /* this tile's values arrive while its scores are computed */
-            for (int64_t c = 0; c < d; c += 16) _mm_prefetch((const char *)w_offset(vals[i], c, bf16), _MM_HINT_T0);
-#endif
         for (int64_t j = 0; j < g; j++) /* the tile's keys stay in L1 across the g heads */
             scores(qh + j * d, keys, bf16, nt, d, scale, sc + j * ATT_TILE);
         for (int64_t j = 0; j < g; j++) { /* rescale the running sums to the new max, add this tile's weights */
-            float *row = sc + j * ATT_TILE, mt = m[j];
-            for (int64_t i = 0; i < nt; i++) mt = row[i] > mt ? row[i] : mt;
+            float *row = sc + j * ATT_TILE, mt = max_of(row, nt, m[j]);
             float corr = expf(m[j] - mt); /* 0 on the first tile (m = −inf) */
             l[j] = l[j] * corr + exp_sub_sum(row, nt, mt);
             m[j] = mt;

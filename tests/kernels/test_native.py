@@ -211,6 +211,27 @@ def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d, kv_dty
 
 
 @needs_native
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_addresses_runs_of_adjacent_blocks_like_float64(d, kv_dtype):
+    """Head sizes 64 and 128 read 16-key groups whose rows are consecutive (a block, or adjacent blocks) from one
+    pointer; runs of adjacent block ids mixed with jumps exercise both that path and the per-key pointers."""
+    g = torch.Generator().manual_seed(d)
+    bs, nkv, nq = 16, 2, 8
+    k_plane = torch.randn(nkv, 40 * bs, d, generator=g).to(kv_dtype)
+    v_plane = torch.randn(nkv, 40 * bs, d, generator=g).to(kv_dtype)
+    tables = [5, 6, 7, 2, 3, 30, 31, 32, 33, 10]  # runs 5-7, 2-3, 30-33 and a lone 10
+    q = torch.randn(1, nq, d, generator=g) * 2.0
+    for n_keys in (16, 40, 150, 160):
+        out = native.decode_attention(
+            q, k_plane, v_plane, torch.tensor(tables), torch.tensor([0]), torch.tensor([n_keys]), bs
+        )
+        rows = torch.tensor([tables[t // bs] * bs + t % bs for t in range(n_keys)])
+        ref = attention_ref(q[0][None, :, None], k_plane[:, rows][None], v_plane[:, rows][None])[0, :, 0]
+        assert_close_rel(out[0], ref, RTOL, f"d={d} {n_keys} keys")
+
+
+@needs_native
 def test_add_rms_norm_updates_the_residual_and_normalises_like_float64():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(1, 5, 48, generator=g)
