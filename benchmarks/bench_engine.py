@@ -207,7 +207,7 @@ def w_context_pair(spec: dict) -> dict:
     engines = {}
     t0 = time.perf_counter()
     for L in (base, long_):
-        llm, _ = make_llm(model, 1, L + blocks * PAIR_BLOCK + 8, CHUNK)
+        llm, _ = make_llm(model, 1, L + blocks * PAIR_BLOCK + 8, CHUNK, spec.get("kv_cache_dtype", "auto"))
         eng = llm.engine
         prompt = C.random_prompt(L, mc.vocab_size, seed=300)
         eng.add_request("p", prompt, SamplingParams(max_tokens=blocks * PAIR_BLOCK + 4, temperature=0, ignore_eos=True))
@@ -363,6 +363,7 @@ def plan(mode: str) -> dict:
         "profile": True,
         "profile_steps": 24,
         "bf16_weights": True,  # (a) also ours with weight-only bf16 (not a target: the targets are fp32)
+        "kv_bf16_pair": True,  # (d) also the one-process pair over a bf16 K/V pool
         "worker_timeout": 560,
         "budget_min": 25,
         "quiet_wait_s": 20,  # wait up to this long for other processes to go idle before each worker
@@ -629,6 +630,11 @@ def run_all(r: Runner, P: dict, log) -> dict:
     res["context_pair"] = {
         m: r.run(engine="ours", scenario="context_pair", model=m, prompt=hi, base=lo) for m in (M["hybrid"], M["attn"])
     }
+    if P["kv_bf16_pair"]:  # the same pair over a bf16 K/V pool (kv_cache_dtype): half the K/V bytes
+        res["context_pair_kv_bf16"] = {
+            m: r.run(engine="ours", scenario="context_pair", model=m, prompt=hi, base=lo, kv_cache_dtype="bfloat16")
+            for m in (M["hybrid"], M["attn"])
+        }  # fmt: skip
 
     if P["profile"]:
         log("profile (ours, batch-1 decode)")
@@ -738,12 +744,13 @@ def summary_lines(data: dict) -> list[str]:
                 f"| {m} decode ms/token @{L} | {_f(ours, 2)} (x{_f(row['ours_growth_vs_first'], 2)}) "
                 f"| {_f(hf, 2)} (x{_f(row['hf_growth_vs_first'], 2)}){note} | {_f(_ratio(hf, ours), 2)}x |"
             )
-    for m, pr in res.get("context_pair", {}).items():
-        if "error" not in pr:
-            lines.append(
-                f"| {m} one process: @{pr['prompt']} vs @{pr['base']} ms/token | {_f(pr['long_ms'], 2)} vs "
-                f"{_f(pr['base_ms'], 2)} (x{_f(pr['growth'], 2)}) | | |"
-            )
+    for key, note in (("context_pair", ""), ("context_pair_kv_bf16", ", bf16 K/V")):
+        for m, pr in res.get(key, {}).items():
+            if "error" not in pr:
+                lines.append(
+                    f"| {m} one process{note}: @{pr['prompt']} vs @{pr['base']} ms/token | {_f(pr['long_ms'], 2)} vs "
+                    f"{_f(pr['base_ms'], 2)} (x{_f(pr['growth'], 2)}) | | |"
+                )
     lines.append("")
     lines.append("| target | measured | met |")
     lines.append("|---|---|---|")

@@ -92,9 +92,10 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         for L in ("32", "128"):
             row = res["context"][m][L]
             assert row["ours"]["median_ms"] > 0 and row["hf"]["median_ms"] > 0 and row["ours_growth_vs_first"] > 0
-        pair = res["context_pair"][m]
-        assert pair["base"] == 32 and pair["prompt"] == 128 and pair["steps_each"] == 48
-        assert pair["growth"] == pytest.approx(pair["long_ms"] / pair["base_ms"])
+        for key in ("context_pair", "context_pair_kv_bf16"):
+            pair = res[key][m]
+            assert pair["base"] == 32 and pair["prompt"] == 128 and pair["steps_each"] == 48
+            assert pair["growth"] == pytest.approx(pair["long_ms"] / pair["base_ms"])
     assert len(data["targets"]) == 6
     assert all(t["measured"] is not None and t["met"] in (True, False) for t in data["targets"])
     assert "| target | measured | met |" in capsys.readouterr().out
