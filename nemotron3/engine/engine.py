@@ -67,18 +67,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         mc = model.config
-        if config.weight_dtype is not None:
-            if config.weight_dtype not in WEIGHT_DTYPES:
-                raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)} or None, got {config.weight_dtype!r}")
-            if WEIGHT_DTYPES[config.weight_dtype] != model.dtype:
-                if model.dtype != torch.float32:
-                    raise ValueError(
-                        f"weight_dtype={config.weight_dtype!r} narrows a float32 model's matrices; this model is "
-                        f"{model.dtype} (load it with dtype='float32')"
-                    )
-                narrow_weight_storage(model, WEIGHT_DTYPES[config.weight_dtype])
-        if config.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {config.kv_cache_dtype!r}")
+        narrow = self._check_dtypes(config, model)  # before anything changes the model
+        if narrow is not None:
+            narrow_weight_storage(model, narrow)
         self.cache = HybridCache(
             mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype,
             model.device, mtp_attention_layers, KV_CACHE_DTYPES[config.kv_cache_dtype],
@@ -164,6 +155,25 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         return self._output(req)
+
+    @staticmethod
+    def _check_dtypes(config: EngineConfig, model: NemotronHForCausalLM) -> torch.dtype | None:
+        """Validate weight_dtype and kv_cache_dtype; return the dtype to narrow the matrices to, if any."""
+        if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {config.kv_cache_dtype!r}")
+        if config.weight_dtype is None:
+            return None
+        if config.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)} or None, got {config.weight_dtype!r}")
+        target = WEIGHT_DTYPES[config.weight_dtype]
+        if target == model.dtype:
+            return None
+        if model.dtype != torch.float32:
+            raise ValueError(
+                f"weight_dtype={config.weight_dtype!r} narrows a float32 model's matrices; this model is "
+                f"{model.dtype} (load it with dtype='float32')"
+            )
+        return target
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -83,9 +83,11 @@ def test_bf16_pool_holds_twice_the_tokens_and_returns_every_block(model, prompts
     assert_pools_empty(b16)
 
 
-def test_bad_kv_cache_dtype_is_rejected(model):
+def test_bad_kv_cache_dtype_is_rejected_before_the_model_changes(model):
+    m = copy.deepcopy(model)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory_bytes=MEM, kv_cache_dtype="fp8"))
+        LLMEngine(m, config=EngineConfig(kv_cache_memory_bytes=MEM, kv_cache_dtype="fp8", weight_dtype="bfloat16"))
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # not narrowed by the failed construction
 
 
 def test_speculative_decoding_over_a_bf16_pool_is_lossless():
