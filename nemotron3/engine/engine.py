@@ -16,7 +16,7 @@ import torch
 from nemotron3.engine.cache import CacheConfig, HybridCache
 from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nemotron3.engine.runner import WEIGHT_DTYPES, ModelRunner, Segment, narrow_weight_storage
-from nemotron3.engine.sampler import SampleResult, SamplingTensors, sample
+from nemotron3.engine.sampler import SampleResult, SamplingTensors, argmax_ids, sample
 from nemotron3.engine.sampling_params import SamplingParams
 from nemotron3.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
@@ -233,7 +233,7 @@ class LLMEngine:
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
         if all(_plain_greedy(s) for s in seqs):  # argmax only: no sampling tensors to build
-            self._append(seqs, logits.argmax(-1).tolist(), None)
+            self._append(seqs, argmax_ids(logits), None)
             return
         tensors = SamplingTensors.build(params, [s.generator for s in seqs], logits.device)
         for row, s in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not allowed yet

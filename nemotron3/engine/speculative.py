@@ -41,7 +41,7 @@ from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.outputs import RequestOutput, SpecDecodeMetrics
 from nemotron3.engine.runner import ModelRunner, Segment
-from nemotron3.engine.sampler import SampleResult, SamplingTensors, draw, processed_logits
+from nemotron3.engine.sampler import SampleResult, SamplingTensors, argmax_ids, draw, processed_logits
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.attention import causal_attention
@@ -356,7 +356,7 @@ class SpeculativeEngine(LLMEngine):
         (the request's temperature/top-k/top-p/min-p applied to the MTP logits)."""
         tensors = SamplingTensors.build([s.params for s in seqs], [s.generator for s in seqs], logits.device)
         if tensors.all_greedy:
-            return logits.argmax(-1).tolist(), [None] * len(seqs)
+            return argmax_ids(logits), [None] * len(seqs)
         q = processed_logits(logits, tensors).softmax(-1)
         tokens = torch.where(tensors.temperature == 0, logits.argmax(-1), draw(q, tensors.generators)).tolist()
         return tokens, [None if s.params.greedy else q[i] for i, s in enumerate(seqs)]

@@ -122,3 +122,16 @@ def test_logprobs_are_raw_model_logprobs():
 def test_bad_params_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{name} "):
         SamplingParams(**kwargs)
+
+
+def test_argmax_ids_takes_the_first_maximum_and_counts_nan_as_the_maximum():
+    """The numpy fast path of greedy decoding agrees with torch.argmax, ties and NaN included."""
+    from nemotron3.engine.sampler import argmax_ids
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=g)
+    logits[1, 10] = logits[1, 700] = 50.0  # a tie: the first wins
+    logits[2, 3] = float("nan")
+    logits[3] = -float("inf")
+    assert argmax_ids(logits) == logits.argmax(-1).tolist()
+    assert argmax_ids(logits)[1:3] == [10, 3]
