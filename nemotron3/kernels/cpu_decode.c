@@ -103,22 +103,16 @@ static inline __attribute__((always_inline)) void dot_fixed(const void *a, const
 }
 #endif
 
-/* dot_fixed for float32 rows `a`. */
-static void dot_many(const float *a, const float *const *b, int nb, int64_t n, float *out) {
-    switch (nb) {
+/* dot_fixed for rows `a` of float32, or bfloat16 when bf16: one constant instantiation per (type, nb). */
+static void dot_many(const void *a, int bf16, const float *const *b, int nb, int64_t n, float *out) {
+    switch (nb + 4 * (bf16 != 0)) {
     case 1: dot_fixed(a, 0, b, 1, n, out); break;
     case 2: dot_fixed(a, 0, b, 2, n, out); break;
     case 3: dot_fixed(a, 0, b, 3, n, out); break;
-    default: dot_fixed(a, 0, b, 4, n, out); break;
-    }
-}
-
-/* dot_fixed for bfloat16 rows `a`. */
-static void dot_many_bf16(const void *a, const float *const *b, int nb, int64_t n, float *out) {
-    switch (nb) {
-    case 1: dot_fixed(a, 1, b, 1, n, out); break;
-    case 2: dot_fixed(a, 1, b, 2, n, out); break;
-    case 3: dot_fixed(a, 1, b, 3, n, out); break;
+    case 4: dot_fixed(a, 0, b, 4, n, out); break;
+    case 5: dot_fixed(a, 1, b, 1, n, out); break;
+    case 6: dot_fixed(a, 1, b, 2, n, out); break;
+    case 7: dot_fixed(a, 1, b, 3, n, out); break;
     default: dot_fixed(a, 1, b, 4, n, out); break;
     }
 }
@@ -203,10 +197,7 @@ static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, c
             const float *vs[4];
             float v[4];
             for (int j = 0; j < nb; j++) vs[j] = in + (in_row ? in_row[q0 + j] : q0 + j) * in_stride;
-            if (bf16)
-                dot_many_bf16(row, vs, nb, cols, v);
-            else
-                dot_many(row, vs, nb, cols, v);
+            dot_many(row, bf16, vs, nb, cols, v);
             for (int j = 0; j < nb; j++) dest[(q0 + j) * rows + i] = relu2 ? (v[j] > 0.0f ? v[j] * v[j] : 0.0f) : v[j];
         }
     }
@@ -444,10 +435,7 @@ static inline __attribute__((always_inline)) void scores(const float *q, const v
     for (; i < n; i++) {
         const float *qs[1] = {q};
         float v;
-        if (bf16)
-            dot_many_bf16(keys[i], qs, 1, d, &v);
-        else
-            dot_many(keys[i], qs, 1, d, &v);
+        dot_many(keys[i], bf16, qs, 1, d, &v);
         out[i] = v * scale;
     }
 }
@@ -811,7 +799,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                     int nb = l + 1 - j0 < 4 ? (int)(l + 1 - j0) : 4;
                     const float *bs[4];
                     for (int k = 0; k < nb; k++) bs[k] = B + (c0 + j0 + k) * ldb + gi * n;
-                    dot_many(Cl, bs, nb, n, out + l * Q + j0);
+                    dot_many(Cl, 0, bs, nb, n, out + l * Q + j0);
                 }
             }
         }
