@@ -1,11 +1,14 @@
-/* nemotron3 CPU decode kernels (float32, OpenMP).
+/* nemotron3 CPU kernels for the engine's decode and prefill (float32 math, OpenMP).
  *
- * Two steps of a decode forward that torch runs as dozens of ~1 us ops each, fused into one call:
+ * Pieces of a forward that torch runs as dozens of ~1 us ops each (or as einsums over padded chunks), fused
+ * into one call each:
  *   nm3_experts     routed LatentMoE experts for a few tokens: Σ_j w_j · down_e(relu(up_e x)²)
+ *   nm3_route_experts  the router's top-k choice, then nm3_experts
  *   nm3_mamba_step  the Mamba-2 recurrence step between in_proj and out_proj, on pooled state slots
  *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
  *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
+ *   nm3_ssd_scan    the chunked SSD scan of one sequence's prefill
  * The weight-streaming kernels (nm3_linear, nm3_experts, nm3_route_experts) read float32 or bfloat16 weights
  * (`w_bf16`), and nm3_decode_attention a float32 or bfloat16 K/V cache (`kv_bf16`): a bfloat16 is the upper half
  * of a float32, so widening it is a 16-bit shift and every product and sum stays float32. Activations, states
@@ -48,13 +51,14 @@ static inline __attribute__((always_inline)) const void *w_offset(const void *w,
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-/* 16 weights from w + i widened to float32 (masked: lanes outside m read nothing and are 0). */
+/* 16 weights from w + i widened to float32. */
 static inline __attribute__((always_inline)) __m512 w_load(const void *w, int64_t i, const int bf16) {
     if (!bf16) return _mm512_loadu_ps((const float *)w + i);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* w_load of the lanes in m only: the others read nothing and are 0. */
 static inline __attribute__((always_inline)) __m512 w_load_mask(__mmask16 m, const void *w, int64_t i, const int bf16) {
     if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)w + i);
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i);
@@ -181,8 +185,8 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
 /* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols], float32 or bfloat16 when
- * bf16): dot the row with the
- * input vector of each (token, slot) pair q that chose e (in + (in_row ? in_row[q] : q)·in_stride), and write
+ * bf16): dot the row with the input vector of each (token, slot) pair q that chose e
+ * (in + (in_row ? in_row[q] : q)·in_stride), and write
  * the result (relu²'d if asked) to dest[q·rows + row]. An orphaned `omp for`: it splits the (expert, row)
  * pairs over the enclosing parallel region's threads, so each thread streams whole stretches of matrices. */
 static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, const int64_t *active,
