@@ -621,7 +621,9 @@ void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, i
     }
 }
 
-/* y[t][c0:c1] (+)= Σ_k x[t][k]·W[k][c0:c1] for t < nb ≤ 4: four W rows at a time, each 16-column strip of them
+#define LINEAR_GROUP 8 /* rows (tokens) that share one pass over the weights */
+
+/* y[t][c0:c1] (+)= Σ_k x[t][k]·W[k][c0:c1] for t < nb ≤ LINEAR_GROUP: four W rows at a time, each 16-column strip of them
  * loaded once and applied to every token; y stays in L1/L2 while W streams from memory. Inlined per nb and
  * weight type (W float32, or bfloat16 when bf16). */
 static inline __attribute__((always_inline)) void linear_strip(const float *x, const int nb, int64_t ldx,
@@ -632,7 +634,7 @@ static inline __attribute__((always_inline)) void linear_strip(const float *x, c
     for (; k + 4 <= K; k += 4) {
         const void *r0 = w_offset(W, k * ldw, bf16), *r1 = w_offset(r0, ldw, bf16);
         const void *r2 = w_offset(r1, ldw, bf16), *r3 = w_offset(r2, ldw, bf16);
-        __m512 xs[4][4];
+        __m512 xs[LINEAR_GROUP][4];
         for (int t = 0; t < nb; t++)
             for (int i = 0; i < 4; i++) xs[t][i] = _mm512_set1_ps(x[t * ldx + k + i]);
         int64_t j = c0;
@@ -670,22 +672,30 @@ static inline __attribute__((always_inline)) void linear_strip(const float *x, c
     }
 }
 
-/* linear_strip for n ≤ 4·k rows in groups of 4, switched to the constant (nb, bf16) instantiation. */
+/* linear_strip for n rows in groups of up to LINEAR_GROUP, switched to the constant (nb, bf16) instantiation. */
 static void linear_rows(const float *x, int64_t n, int64_t ldx, const void *W, int bf16, int64_t K, int64_t ldw,
                         int64_t c0, int64_t c1, float *y, int64_t ldy) {
-    for (int64_t t0 = 0; t0 < n; t0 += 4) {
+    for (int64_t t0 = 0; t0 < n; t0 += LINEAR_GROUP) {
         const float *xt = x + t0 * ldx;
         float *yt = y + t0 * ldy;
-        int nb = n - t0 < 4 ? (int)(n - t0) : 4;
-        switch (nb + 4 * (bf16 != 0)) {
+        int nb = n - t0 < LINEAR_GROUP ? (int)(n - t0) : LINEAR_GROUP;
+        switch (nb + LINEAR_GROUP * (bf16 != 0)) {
         case 1: linear_strip(xt, 1, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
         case 2: linear_strip(xt, 2, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
         case 3: linear_strip(xt, 3, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
         case 4: linear_strip(xt, 4, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
-        case 5: linear_strip(xt, 1, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
-        case 6: linear_strip(xt, 2, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
-        case 7: linear_strip(xt, 3, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
-        default: linear_strip(xt, 4, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 5: linear_strip(xt, 5, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 6: linear_strip(xt, 6, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 7: linear_strip(xt, 7, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 8: linear_strip(xt, 8, ldx, W, 0, K, ldw, c0, c1, yt, ldy); break;
+        case 9: linear_strip(xt, 1, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 10: linear_strip(xt, 2, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 11: linear_strip(xt, 3, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 12: linear_strip(xt, 4, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 13: linear_strip(xt, 5, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 14: linear_strip(xt, 6, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        case 15: linear_strip(xt, 7, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
+        default: linear_strip(xt, 8, ldx, W, 1, K, ldw, c0, c1, yt, ldy); break;
         }
     }
 }
@@ -693,7 +703,7 @@ static void linear_rows(const float *x, int64_t n, int64_t ldx, const void *W, i
 /* y = x·Wᵀ + bias for n rows: x [n, K] (rows ldx apart), the weight [N, K] given as its K-major storage W
  * (row k holds column k of the weight: W[k·ldw + j] = weight[j][k]; ldw ≥ N, so a column slice of a fused
  * matrix works too; float32, or bfloat16 when w_bf16), bias [N] float32 or NULL, y [n, N] (rows ldy apart).
- * A decode GEMV reads every weight once. Wide matrices split their columns over the threads, each thread
+ * A decode GEMV reads every weight once per LINEAR_GROUP rows. Wide matrices split their columns over the threads, each thread
  * streaming its strip of every row. Narrow ones (a thread's strip under ksplit_bytes) split the rows instead:
  * each thread streams one contiguous block of W into its own partial y, and the partials are summed after;
  * short strided strips defeat the hardware prefetcher. Returns 0, or -2 if the partials cannot be allocated. */

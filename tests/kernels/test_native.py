@@ -304,7 +304,9 @@ def k_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (3, 64, 7), (4, 130, 1000), (1, 3, 16)])
+@pytest.mark.parametrize(
+    ("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (3, 64, 7), (4, 130, 1000), (1, 3, 16), (5, 64, 40), (8, 130, 1000)]
+)
 def test_linear_matches_float64(rows, K, N):
     """K not a multiple of 4 and N not a multiple of 16 exercise the row and column tails; a K-term float32 dot
     is within ~√K·u of exact, so 2e-6 relative L2 holds to K in the thousands."""
@@ -333,7 +335,7 @@ def test_linear_reads_a_column_slice_of_a_fused_storage():
 
 @needs_native
 def test_linear_declines_what_it_does_not_take():
-    x = torch.randn(5, 32)
+    x = torch.randn(native.LINEAR_MAX_ROWS + 1, 32)
     w = k_major(torch.randn(16, 32))
     assert native.linear(x, w) is None  # more rows than LINEAR_MAX_ROWS: MKL's GEMM does those
     assert native.linear(x[:2], w.contiguous()) is None  # row-major weight: not the engine's layout
@@ -346,7 +348,7 @@ def test_linear_declines_what_it_does_not_take():
 
 
 @needs_native
-@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (3, 256, 40)])
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (3, 256, 40), (8, 200, 70)])
 @pytest.mark.parametrize("ksplit", [0, 1 << 30])
 def test_linear_splits_rows_or_columns_over_threads_like_float64(rows, K, N, ksplit, monkeypatch):
     """Column strips (ksplit 0) and row blocks summed after (every matrix narrower than 1 GiB per thread), over 3
@@ -367,7 +369,7 @@ def test_linear_splits_rows_or_columns_over_threads_like_float64(rows, K, N, ksp
 
 
 @needs_native
-@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (1, 64, 7)])
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (1, 64, 7), (7, 96, 50)])
 def test_linear_reads_bfloat16_weights_widened_exactly(rows, K, N):
     """Weight-only bf16: the kernel widens each bf16 weight to float32 (exact) and accumulates in float32, so the
     float64 product with the widened weight is the reference, to the same 2e-6 as float32 weights."""
