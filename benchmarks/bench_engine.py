@@ -847,6 +847,11 @@ def plot(data: dict, path: Path) -> bool:
         pts = [(L, rows[str(L)]["hf"]["median_ms"]) for L in Ls if rows[str(L)]["hf"]["median_ms"]]
         if pts:
             a.plot(*zip(*pts), "s--", label=f"transformers {m}")
+    for key, marker, note in (("context_pair", "*", "one process"), ("context_pair_kv_bf16", "P", "one process, bf16 K/V")):
+        for m, pr in res.get(key, {}).items():  # the target's measurement: both contexts in one process
+            if "error" not in pr:
+                a.plot([pr["base"], pr["prompt"]], [pr["base_ms"], pr["long_ms"]], marker=marker, ls=":", ms=9,
+                       label=f"nemotron3 {m}, {note} (x{pr['growth']:.2f})")  # fmt: skip
     a.set_xscale("log", base=2)
     a.set_xticks(P["contexts"], [f"{L // 1024}k" if L >= 1024 else str(L) for L in P["contexts"]])
     a.set_ylim(bottom=0)
