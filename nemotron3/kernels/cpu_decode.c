@@ -396,15 +396,17 @@ static inline __m512 hsum16(const __m512 *v) {
 #endif
 
 #if defined(__AVX512F__)
-/* out[0..15] = scale · q·key[r] for 16 keys at key[r] = base + r·d (one pool block, or adjacent ones), with d a
- * constant at the call site: every load is the base pointer plus an immediate offset. */
-static inline __attribute__((always_inline)) void scores16_linear(const float *q, const void *base, const int bf16,
-                                                                  const int64_t d, float scale, float *out) {
+/* out[0..15] = scale · q·key[r] for 16 keys, one transposed reduction. With `linear` (a constant at the call
+ * site, as is d there) the keys sit at consecutive rows, key[r] = keys[0] + r·d (one pool block, or adjacent
+ * ones), and every load is that one pointer plus an immediate offset; otherwise each key has its pointer. */
+static inline __attribute__((always_inline)) void scores16(const float *q, const void *const *keys, const int linear,
+                                                           const int bf16, const int64_t d, float scale, float *out) {
     __m512 v[16];
     for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; c += 16) {
         __m512 qc = _mm512_loadu_ps(q + c);
-        for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, w_load(base, r * d + c, bf16), v[r]);
+        for (int r = 0; r < 16; r++)
+            v[r] = _mm512_fmadd_ps(qc, linear ? w_load(keys[0], r * d + c, bf16) : w_load(keys[r], c, bf16), v[r]);
     }
     _mm512_storeu_ps(out, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
 }
@@ -420,20 +422,13 @@ static inline __attribute__((always_inline)) void scores(const float *q, const v
 #if defined(__AVX512F__)
     if (d % 16 == 0)
         for (; i + 16 <= n; i += 16) {
-            if (keys[i + 15] == w_offset(keys[i], 15 * d, bf16) && (d == 64 || d == 128)) {
-                if (d == 64)
-                    scores16_linear(q, keys[i], bf16, 64, scale, out + i);
-                else
-                    scores16_linear(q, keys[i], bf16, 128, scale, out + i);
-                continue;
-            }
-            __m512 v[16];
-            for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < d; c += 16) {
-                __m512 qc = _mm512_loadu_ps(q + c);
-                for (int r = 0; r < 16; r++) v[r] = _mm512_fmadd_ps(qc, w_load(keys[i + r], c, bf16), v[r]);
-            }
-            _mm512_storeu_ps(out + i, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
+            int linear = keys[i + 15] == w_offset(keys[i], 15 * d, bf16);
+            if (linear && d == 64)
+                scores16(q, keys + i, 1, bf16, 64, scale, out + i);
+            else if (linear && d == 128)
+                scores16(q, keys + i, 1, bf16, 128, scale, out + i);
+            else
+                scores16(q, keys + i, 0, bf16, d, scale, out + i);
         }
 #endif
     for (; i < n; i++) {
