@@ -52,7 +52,6 @@ import common as C
 import torch
 
 from nemotron3.bench import greedy, make_llm, timed_generate
-from nemotron3.engine.runner import narrow_weight_storage
 
 DEC_PROMPT = 512
 DEC_NEW = 33  # generated tokens: 32 step intervals, the first 2 dropped
@@ -66,11 +65,9 @@ PAIR_BLOCK, PAIR_BLOCKS = 4, 12  # (d) one-process pair: blocks of 4 decode step
 
 def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, weight_dtype: str | None = None):
     """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm);
-    weight_dtype "bfloat16": weight-only bf16 (engine/runner.py, narrow_weight_storage)."""
-    model = C.load_ours(name, Path(weights))
-    if weight_dtype == "bfloat16":
-        narrow_weight_storage(model, torch.bfloat16)
-    return make_llm(model, n_seqs, tokens_per_seq, budget)
+    weight_dtype "bfloat16": weight-only bf16 (EngineConfig.weight_dtype)."""
+    options = {"weight_dtype": weight_dtype} if weight_dtype else None
+    return make_llm(C.load_ours(name, Path(weights)), n_seqs, tokens_per_seq, budget, options)
 
 
 class _Stamp:
@@ -207,7 +204,8 @@ def w_context_pair(spec: dict) -> dict:
     engines = {}
     t0 = time.perf_counter()
     for L in (base, long_):
-        llm, _ = make_llm(model, 1, L + blocks * PAIR_BLOCK + 8, CHUNK, spec.get("kv_cache_dtype", "auto"))
+        options = {"kv_cache_dtype": spec.get("kv_cache_dtype", "auto")}
+        llm, _ = make_llm(model, 1, L + blocks * PAIR_BLOCK + 8, CHUNK, options)
         eng = llm.engine
         prompt = C.random_prompt(L, mc.vocab_size, seed=300)
         eng.add_request("p", prompt, SamplingParams(max_tokens=blocks * PAIR_BLOCK + 4, temperature=0, ignore_eos=True))

@@ -142,23 +142,26 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def make_llm(model, n_seqs: int, tokens_per_seq: int, budget: int, kv_cache_dtype: str = "auto"):
-    """An LLM over `model` (a built NemotronHForCausalLM) with pools sized for the run."""
+def make_llm(model, n_seqs: int, tokens_per_seq: int, budget: int, options: dict | None = None):
+    """An LLM over `model` (a built NemotronHForCausalLM) with pools sized for the run. `options`: further
+    engine options (kv_cache_dtype, weight_dtype: EngineConfig), passed on as they are."""
+    from nemotron3.engine.engine import KV_CACHE_DTYPES
     from nemotron3.engine.llm import LLM
 
-    elt = 2 if kv_cache_dtype == "bfloat16" else model.dtype.itemsize
+    options = options or {}
+    kv_dtype = KV_CACHE_DTYPES.get(options.get("kv_cache_dtype", "auto")) or model.dtype  # unknown: LLM says so
     opts = {
         "max_num_seqs": n_seqs,
         "max_num_batched_tokens": budget,
-        "kv_cache_memory_bytes": cache_bytes(model.config, n_seqs, tokens_per_seq, elt=elt),
-        "kv_cache_dtype": kv_cache_dtype,
+        "kv_cache_memory_bytes": cache_bytes(model.config, n_seqs, tokens_per_seq, elt=kv_dtype.itemsize),
+        **options,
     }
     return LLM(model, **opts), opts
 
 
-def bench_prefill(model, prompt_len: int, reps: int = 3, seed: int = 0, kv_cache_dtype: str = "auto") -> dict:
+def bench_prefill(model, prompt_len: int, reps: int = 3, seed: int = 0, options: dict | None = None) -> dict:
     """Batch-1 prefill: LLM.generate(max_tokens=1) with the whole prompt in one step; warm-up + reps."""
-    llm, opts = make_llm(model, 1, prompt_len + 2, max(prompt_len, 16), kv_cache_dtype)
+    llm, opts = make_llm(model, 1, prompt_len + 2, max(prompt_len, 16), options)
     prompts = random_prompts(reps + 1, prompt_len, model.config.vocab_size, seed)
     times = []
     for p in prompts:
@@ -172,11 +175,11 @@ def bench_prefill(model, prompt_len: int, reps: int = 3, seed: int = 0, kv_cache
 
 def bench_decode(
     model, batch: int, prompt_len: int, max_tokens: int, seed: int = 0, count_experts: bool = False,
-    kv_cache_dtype: str = "auto",
+    options: dict | None = None,
 ) -> dict:  # fmt: skip
     """`batch` requests decoding together after `prompt_len`-token prompts: ms/step and tok/s."""
     budget = max(prompt_len, PREFILL_BUDGET)
-    llm, opts = make_llm(model, batch, prompt_len + max_tokens + 1, budget, kv_cache_dtype)
+    llm, opts = make_llm(model, batch, prompt_len + max_tokens + 1, budget, options)
     vocab = model.config.vocab_size
     llm.generate([{"prompt_token_ids": p} for p in random_prompts(1, min(32, prompt_len), vocab, seed + 7)], greedy(2))
     run = timed_generate(llm, random_prompts(batch, prompt_len, vocab, seed), max_tokens, count_experts)
@@ -203,20 +206,22 @@ def bench_decode(
 
 def run_bench(
     model, batches=DEFAULT_BATCHES, prompt_len: int = 512, max_tokens: int = 64, reps: int = 3, seed: int = 0,
-    progress=None, kv_cache_dtype: str = "auto",
+    progress=None, options: dict | None = None,
 ) -> dict:  # fmt: skip
-    """Prefill at prompt_len, then decode at each batch size; returns a JSON-able dict."""
+    """Prefill at prompt_len, then decode at each batch size; returns a JSON-able dict. `options`: further
+    engine options for every LLM of the run (make_llm)."""
     say = progress or (lambda msg: None)
     torch.manual_seed(seed)
     say(f"prefill {prompt_len} tokens")
-    prefill = bench_prefill(model, prompt_len, reps, seed, kv_cache_dtype)
+    prefill = bench_prefill(model, prompt_len, reps, seed, options)
     decode = []
     for b in batches:
         say(f"decode batch {b}")
-        decode.append(bench_decode(model, b, prompt_len, max_tokens, seed, kv_cache_dtype=kv_cache_dtype))
+        decode.append(bench_decode(model, b, prompt_len, max_tokens, seed, options=options))
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", ""),
-        "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""), "kv_cache_dtype": kv_cache_dtype,
+        "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        "kv_cache_dtype": (options or {}).get("kv_cache_dtype", "auto"),
         "pattern": model.config.hybrid_override_pattern, "params": sum(p.numel() for p in model.parameters()),
         "prefill": prefill, "decode": decode,
     }  # fmt: skip

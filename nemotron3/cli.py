@@ -334,19 +334,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
         name, model = build_model(args.model, dtype, args.seed)
-        if args.weight_dtype == "bfloat16" and dtype != torch.bfloat16:
-            from nemotron3.engine.runner import narrow_weight_storage
-
-            narrow_weight_storage(model, torch.bfloat16)
         if args.prompt_len + args.max_tokens > model.config.max_position_embeddings:
             raise ValueError(
                 f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} exceeds the model's "
                 f"max_position_embeddings {model.config.max_position_embeddings}"
             )
         progress = None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-        result = run_bench(
-            model, args.batch, args.prompt_len, args.max_tokens, args.reps, args.seed, progress, args.kv_cache_dtype
-        )
+        options = {"kv_cache_dtype": args.kv_cache_dtype}
+        if args.weight_dtype is not None:
+            options["weight_dtype"] = args.weight_dtype
+        result = run_bench(model, args.batch, args.prompt_len, args.max_tokens, args.reps, args.seed, progress, options)
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"nemotron3 bench: error: {e}", file=sys.stderr)
         return EXIT_USAGE

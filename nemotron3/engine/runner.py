@@ -57,16 +57,17 @@ def narrow_weight_storage(model: NemotronHForCausalLM, dtype: torch.dtype) -> in
     """Weight-only storage: every plain Linear weight (lm_head included), every router and the routed experts'
     matrices are held in `dtype` (bfloat16), which the kernels widen to float32 as they stream it. Activations,
     K/V, Mamba states, norms, convolutions and biases keep the model's float32, so the result is exactly the
-    float32 model on bf16-rounded matrices, while a decode step reads about half the bytes. A tied lm_head
-    stays with its embedding table (the activations' dtype). Returns how many parameters were narrowed."""
+    float32 model on bf16-rounded matrices, while a decode step reads about half the bytes (lm_head is always
+    its own tensor, never the embedding's). Returns how many parameters were narrowed; a model that is not
+    float32 is a ValueError, raised before anything changes."""
     if model.dtype != torch.float32:
-        raise ValueError(f"weight_dtype {dtype} needs a float32 model (dtype='float32'), got {model.dtype}")
-    tied = model.lm_head.weight is model.backbone.embeddings.weight
+        raise ValueError(
+            f"weight_dtype {dtype} narrows a float32 model's matrices; this model is {model.dtype} "
+            "(load it with dtype='float32')"
+        )
     params = []
     for module in model.modules():
-        if type(module) is torch.nn.Linear and not (tied and module is model.lm_head):
-            params.append(module.weight)
-        elif isinstance(module, Router):
+        if type(module) is torch.nn.Linear or isinstance(module, Router):
             params.append(module.weight)
         elif type(module) is Experts:
             params += [module.up_proj, module.down_proj]

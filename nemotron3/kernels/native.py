@@ -149,14 +149,14 @@ def _usable(*tensors: torch.Tensor) -> bool:
 
 
 def _weight_type(*weights: torch.Tensor) -> int | None:
-    """The kernels' w_bf16 flag for weights that are all float32 (0) or all bfloat16 (1) CPU tensors without
-    autograd recording; None otherwise."""
-    dtype = weights[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16) or any(w.dtype is not dtype or not w.is_cpu for w in weights):
+    """The kernels' bf16 flag (_WEIGHT_FLAG) for streamed tensors (weights, or a K/V pool) that are all float32
+    or all bfloat16 CPU tensors without autograd recording; None otherwise."""
+    flag = _WEIGHT_FLAG.get(weights[0].dtype)
+    if flag is None or any(w.dtype is not weights[0].dtype or not w.is_cpu for w in weights):
         return None
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return None
-    return int(dtype is torch.bfloat16)
+    return flag
 
 
 def experts(
