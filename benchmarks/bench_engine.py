@@ -63,10 +63,10 @@ PAIR_BLOCK, PAIR_BLOCKS = 4, 12  # (d) one-process pair: blocks of 4 decode step
 # ============================================================================================ workers
 
 
-def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, weight_dtype: str | None = None):
-    """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm);
-    weight_dtype "bfloat16": weight-only bf16 (EngineConfig.weight_dtype)."""
-    options = {"weight_dtype": weight_dtype} if weight_dtype else None
+def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, spec: dict | None = None):
+    """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm), with the
+    engine options a spec names: weight_dtype "bfloat16" (weight-only bf16), enforce_eager (no decode program)."""
+    options = {k: spec[k] for k in ("weight_dtype", "enforce_eager") if (spec or {}).get(k)}
     return make_llm(C.load_ours(name, Path(weights)), n_seqs, tokens_per_seq, budget, options)
 
 
@@ -120,7 +120,7 @@ def w_decode(spec: dict) -> dict:
         budget = max(spec.get("budget", 4096), prompt)
         prefill_steps = -(-batch * prompt // budget)
         new = DEC_NEW + prefill_steps - 1  # every sequence decodes together for >= DEC_NEW - 1 steps
-        llm, opts = _ours_llm(name, spec["weights"], batch, prompt + new + 1, budget, spec.get("weight_dtype"))
+        llm, opts = _ours_llm(name, spec["weights"], batch, prompt + new + 1, budget, spec)
         timed_generate(llm, warm, 4)
         run = timed_generate(llm, prompts, new, count_experts=spec.get("count_experts", False))
         res.update(_decode_summary([s.seconds for s in run.decode_steps(batch)], batch))
@@ -230,7 +230,8 @@ def w_context_pair(spec: dict) -> dict:
 
 
 def w_profile(spec: dict) -> dict:
-    """Where our batch-1 decode step goes: component wall times and torch.profiler's top aten ops."""
+    """Where our batch-1 decode step goes: the step replayed as one native call (the default) against the per-op
+    path (enforce_eager) in one process; the per-op path's component wall times and torch.profiler's top aten ops."""
     from torch.profiler import ProfilerActivity, profile
 
     from nemotron3.config import MOE
@@ -244,6 +245,18 @@ def w_profile(spec: dict) -> dict:
     eng.step()  # prefill
     for _ in range(4):
         eng.step()
+    runner = eng.runner
+    # 0) the decode program's step, then the per-op path's from here on (runner.use_program off)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    program_ms = (time.perf_counter() - t0) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            eng.step()
+    program_aten = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+    used_program = runner._program is not None
+    runner.use_program = False
     # 1) component times by wrapping the runner's stages (no profiler overhead)
     acc: dict[str, float] = {}
 
@@ -256,7 +269,6 @@ def w_profile(spec: dict) -> dict:
 
         return f
 
-    runner = eng.runner
     runner._mamba = timed("mamba", runner._mamba)
     runner._attention = timed("attention", runner._attention)
     originals = []
@@ -281,6 +293,7 @@ def w_profile(spec: dict) -> dict:
     del runner.step, runner._mamba, runner._attention
     comp = {k: v / steps * 1e3 for k, v in acc.items()}
     comp["engine_step"] = total / steps * 1e3
+    comp["engine_step_program"] = program_ms if used_program else None
     comp["scheduler_sampler_outputs"] = comp["engine_step"] - comp["runner_step"]
     comp["norms_embed_residual_other"] = comp["runner_step"] - sum(
         comp.get(k, 0.0) for k in ("mamba", "attention", "moe", "lm_head")
@@ -307,6 +320,8 @@ def w_profile(spec: dict) -> dict:
         "components_ms_per_step": comp,
         "top_ops": top,
         "aten_calls_per_step": aten_calls,
+        "aten_calls_per_step_program": program_aten if used_program else None,
+        "program_speedup": comp["engine_step"] / program_ms if used_program else None,
         "profiled_ms_per_step": self_total / steps / 1e3,
         "roofline_ms": bytes_["roofline_ms"],
         "engine_options": opts,
@@ -361,6 +376,7 @@ def plan(mode: str) -> dict:
         "profile": True,
         "profile_steps": 24,
         "bf16_weights": True,  # (a) also ours with weight-only bf16 (not a target: the targets are fp32)
+        "eager_arm": True,  # (a) also ours with enforce_eager (every step per op): what the decode program gains
         "kv_bf16_pair": True,  # (d) also the one-process pair over a bf16 K/V pool
         "worker_timeout": 560,
         "budget_min": 25,
@@ -509,9 +525,9 @@ def run_all(r: Runner, P: dict, log) -> dict:
     res: dict = {"decode_b1": {}, "concurrency": {}, "prefill": {}, "context": {}, "context_pair": {}, "profile": {}}
     dp = P["dec_prompt"]
 
-    # (a) batch-1 decode, both configs, A/B interleaved; then ours with weight-only bf16 beside them
+    # (a) batch-1 decode, both configs, A/B interleaved; then ours with weight-only bf16 and ours eager beside them
     log("(a) batch-1 decode")
-    raw = {m: {"ours": [], "hf": [], "bf16": []} for m in (M["hybrid"], M["big"])}
+    raw = {m: {"ours": [], "hf": [], "bf16": [], "eager": []} for m in (M["hybrid"], M["big"])}
     for rep in range(P["reps"]):
         for m in raw:
             o, h = ab(r, rep, scenario="decode", model=m, batch=1, prompt=dp, count_experts=(rep == 0))
@@ -520,6 +536,9 @@ def run_all(r: Runner, P: dict, log) -> dict:
             if P["bf16_weights"]:
                 spec = {"scenario": "decode", "model": m, "batch": 1, "prompt": dp, "weight_dtype": "bfloat16"}
                 raw[m]["bf16"].append(r.run(engine="ours", **spec))
+            if P["eager_arm"]:
+                spec = {"scenario": "decode", "model": m, "batch": 1, "prompt": dp, "enforce_eager": True}
+                raw[m]["eager"].append(r.run(engine="ours", **spec))
     for m, d in raw.items():
         mc = C.config(m)
         ours, hf = _cell(d["ours"]), _cell(d["hf"])
@@ -542,6 +561,13 @@ def run_all(r: Runner, P: dict, log) -> dict:
                 "speedup_vs_ours_fp32": _ratio(cell["median"], ours["median"]), "bytes_per_step": b16,
                 "roofline_fraction": _ratio(b16["roofline_ms"], cell["median_ms"]),
                 "achieved_gbs": _ratio(b16["total"] / 1e6, cell["median_ms"]),
+            }  # fmt: skip
+        if d["eager"]:
+            cell = _cell(d["eager"])
+            res["decode_b1"][m]["ours_eager"] = {
+                **cell, "speedup_vs_hf": _ratio(cell["median"], hf["median"]),
+                "program_speedup": _ratio(ours["median"], cell["median"]),
+                "roofline_fraction": _ratio(b["roofline_ms"], cell["median_ms"]),
             }  # fmt: skip
 
     # (b) aggregate decode with N concurrent requests (ours); transformers batch 8 optional
@@ -720,6 +746,12 @@ def summary_lines(data: dict) -> list[str]:
                 f"{_pct(w['roofline_fraction'])} of its roofline) | {_f(w['median'])} ({_f(w['median_ms'], 2)}) "
                 f"| fp32 {_f(h['median'])} | {_f(w['speedup_vs_hf_fp32'], 2)}x |"
             )
+        if "ours_eager" in d:
+            e = d["ours_eager"]
+            lines.append(
+                f"| {m} decode b1, ours with enforce_eager (the decode program gains {_f(e['program_speedup'], 2)}x) "
+                f"| {_f(e['median'])} ({_f(e['median_ms'], 2)}) | {_f(h['median'])} | {_f(e['speedup_vs_hf'], 2)}x |"
+            )
     for m, d in res["concurrency"].items():
         for n, cell in d["ours"].items():
             lines.append(
@@ -780,7 +812,9 @@ def plot(data: dict, path: Path) -> bool:
     h = [res["decode_b1"][m]["hf"]["median"] or 0 for m in ms]
     roof = [res["decode_b1"][m]["roofline_tok_s"] for m in ms]
     w16 = [(res["decode_b1"][m].get("ours_bf16_weights") or {}).get("median") or 0 for m in ms]
+    eager = [(res["decode_b1"][m].get("ours_eager") or {}).get("median") or 0 for m in ms]
     bars = [(o, "nemotron3"), (h, "transformers 5.23")] + ([(w16, "nemotron3, weight-only bf16")] if any(w16) else [])
+    bars += [(eager, "nemotron3, enforce_eager")] if any(eager) else []
     width = 0.8 / len(bars)
     for j, (vals, label) in enumerate(bars):
         off = (j - (len(bars) - 1) / 2) * width

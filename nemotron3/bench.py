@@ -222,6 +222,7 @@ def run_bench(
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(model.dtype).replace("torch.", ""),
         "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
         "kv_cache_dtype": (options or {}).get("kv_cache_dtype", "auto"),
+        "enforce_eager": bool((options or {}).get("enforce_eager", False)),
         "pattern": model.config.hybrid_override_pattern, "params": sum(p.numel() for p in model.parameters()),
         "prefill": prefill, "decode": decode,
     }  # fmt: skip

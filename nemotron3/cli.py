@@ -216,12 +216,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- generate
 
 
-def _add_cache_dtypes(p: argparse.ArgumentParser) -> None:
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
                    help="weight-only bf16 on a float32 model: matrices in bf16, activations and state float32; "
                         "decode reads half the bytes (README, docs/benchmarks.md)")  # fmt: skip
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="K/V pool dtype (auto: the model's); bfloat16 holds twice the tokens")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps op by op instead of replaying them as one native call "
+                        "(vLLM's flag; the replay is the CPU counterpart of CUDA graphs)")  # fmt: skip
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -247,7 +250,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    _add_cache_dtypes(p)
+    _add_engine_flags(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     p.set_defaults(func=cmd_generate)
@@ -265,7 +268,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
         )  # fmt: skip
-        llm = LLM(args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype)
+        llm = LLM(
+            args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
+            enforce_eager=args.enforce_eager,
+        )
         if args.chat:
             tok = llm.get_tokenizer()
             if tok is None:
@@ -311,7 +317,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed prefill repetitions (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    _add_cache_dtypes(p)
+    _add_engine_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
@@ -340,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"max_position_embeddings {model.config.max_position_embeddings}"
             )
         progress = None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-        options = {"kv_cache_dtype": args.kv_cache_dtype}
+        options = {"kv_cache_dtype": args.kv_cache_dtype, "enforce_eager": args.enforce_eager}
         if args.weight_dtype is not None:
             options["weight_dtype"] = args.weight_dtype
         result = run_bench(model, args.batch, args.prompt_len, args.max_tokens, args.reps, args.seed, progress, options)
@@ -356,7 +362,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]{name}[/bold] — {result['params'] / 1e6:,.1f} M params, {result['dtype']}"
         f"{' (bf16 matrices)' if result['weight_dtype'] != result['dtype'] else ''}"
-        f"{', K/V ' + result['kv_cache_dtype'] if result['kv_cache_dtype'] != 'auto' else ''}, "
+        f"{', K/V ' + result['kv_cache_dtype'] if result['kv_cache_dtype'] != 'auto' else ''}"
+        f"{', eager' if result['enforce_eager'] else ''}, "
         f"{result['threads']} threads, torch {result['torch']}; prompt {args.prompt_len} tokens, "
         f"{args.max_tokens} new per request",
         highlight=False,
@@ -708,7 +715,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    _add_cache_dtypes(p)
+    _add_engine_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -722,6 +729,7 @@ def _llm_options(args: argparse.Namespace) -> dict:
     if args.weight_dtype is not None:
         opts["weight_dtype"] = args.weight_dtype
     opts["kv_cache_dtype"] = args.kv_cache_dtype
+    opts["enforce_eager"] = args.enforce_eager
     if args.max_model_len is not None:
         opts["max_model_len"] = args.max_model_len
     if args.speculative_config is not None:

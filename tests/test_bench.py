@@ -80,6 +80,8 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         w = d["ours_bf16_weights"]  # weight-only bf16 reads fewer bytes per step than fp32
         assert w["median"] > 0 and w["bytes_per_step"]["total"] < d["bytes_per_step"]["total"]
         assert w["speedup_vs_hf_fp32"] == pytest.approx(w["median"] / d["hf"]["median"])
+        e = d["ours_eager"]  # every step per op (enforce_eager) beside the decode program
+        assert e["median"] > 0 and e["program_speedup"] == pytest.approx(d["ours"]["median"] / e["median"])
         assert set(res["concurrency"][m]["ours"]) == {"1", "2", "4"}
         assert all(c["median"] > 0 for c in res["concurrency"][m]["ours"].values())
         assert res["concurrency"][m]["hf_batch8"]["median"] > 0
@@ -88,6 +90,8 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         prof = res["profile"][m]
         assert prof["top_ops"] and prof["aten_calls_per_step"] > 0
         assert prof["components_ms_per_step"]["engine_step"] > 0
+        assert prof["components_ms_per_step"]["engine_step_program"] > 0  # the program ran, then the per-op path
+        assert prof["aten_calls_per_step_program"] < prof["aten_calls_per_step"]
     for m in ("tiny50", "tiny50-attn"):
         for L in ("32", "128"):
             row = res["context"][m][L]

@@ -37,6 +37,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 2 << 30  # K/V blocks + Mamba state slots together
     compile: bool = False  # torch.compile the Mamba decode step (fuses its ~30 small ops; inductor on CPU)
+    # vLLM's name: True keeps every step on the per-op path instead of replaying decode steps as one native
+    # call (engine/decode_program.py, the CPU counterpart of CUDA graphs).
+    enforce_eager: bool = False
     # "bfloat16": weight-only bf16 on a float32 model (engine/runner.py, narrow_weight_storage): matrices stored
     # in bf16 and widened in the kernels, everything else float32; decode reads half the bytes. None: as loaded.
     weight_dtype: str | None = None
@@ -87,7 +90,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill),
             self.cache,
         )
-        self.runner = ModelRunner(model, self.cache, compile=config.compile)
+        self.runner = ModelRunner(model, self.cache, compile=config.compile, enforce_eager=config.enforce_eager)
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)

@@ -15,12 +15,14 @@ import torch
 
 from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
+from nemotron3.engine.decode_program import DecodeProgram, Unsupported
 from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
 from nemotron3.model.fused import apply, fast_path
 from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.moe import Experts, MoE, Router
 from nemotron3.model.nemotron import NemotronHForCausalLM
+from nemotron3.model.norm import RMSNorm
 
 
 @dataclass
@@ -77,10 +79,26 @@ def narrow_weight_storage(model: NemotronHForCausalLM, dtype: torch.dtype) -> in
     return len(params)
 
 
+def add_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, norm(hidden + delta)), delta None meaning no add: the residual add and the next block's
+    norm as one native call that updates hidden in place, for a plain RMSNorm (a hooked one runs as itself)."""
+    if type(norm) is RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks:
+        x = native.add_rms_norm(hidden, delta, norm.weight, norm.eps)
+        if x is not None:
+            return hidden, x
+    if delta is not None:
+        hidden = hidden + delta
+    return hidden, norm(hidden)
+
+
 class ModelRunner:
     """Runs NemotronHForCausalLM over packed ragged batches with a HybridCache."""
 
-    def __init__(self, model: NemotronHForCausalLM, cache: HybridCache, compile: bool = False) -> None:
+    def __init__(
+        self, model: NemotronHForCausalLM, cache: HybridCache, compile: bool = False, enforce_eager: bool = False
+    ) -> None:
         self.model = model
         self.cache = cache
         self.kinds = model.config.layers_block_type
@@ -92,6 +110,10 @@ class ModelRunner:
         # The decode recurrence is ~30 tiny element-wise ops per Mamba layer; inductor fuses them
         # (nemo50: 3 layers 744 -> 328 us per step). Compiled once per layer, dynamic in the batch size.
         self.compile = compile
+        # Pure-decode steps replay a DecodeProgram (one native call, engine/decode_program.py), laid out on the
+        # first such step; enforce_eager, or compile (which asks for the torch Mamba step), keeps the per-op path.
+        self.use_program = not (enforce_eager or compile)
+        self._program: DecodeProgram | None = None
         self._tables: tuple | None = None  # this step's block tables for decode attention (_decode_attention)
         self._slots: torch.Tensor | None = None  # this step's decode rows' state slots (_mamba_decode)
         self.dt_ranges = {
@@ -113,14 +135,35 @@ class ModelRunner:
         n_dec = sum(1 for s in segments if s.decode)
         if any(s.decode for s in segments[n_dec:]) or any(n != 1 for n in lengths[:n_dec]):
             raise ValueError("decode segments (one token each) must come first")
+        program = self.decode_program(n_dec) if n_dec == len(segments) else None
+        if program is not None:
+            logits = program.run(segments)
+            for s in segments:
+                s.seq.num_tokens += 1
+            return logits
         hidden, offsets = self.run_layers(segments, n_dec, self._mamba)
         backbone = self.model.backbone
         rows = [offsets[k + 1] - 1 for k, s in enumerate(segments) if s.want_logits]
-        last = backbone.norm_f(hidden[0, rows])
+        _, last = add_norm(hidden[0, rows], None, backbone.norm_f)
         for s, n in zip(segments, lengths):
             s.seq.num_tokens += n
         with fast_path():
             return apply(self.model.lm_head, last).float()
+
+    def decode_program(self, rows: int) -> DecodeProgram | None:
+        """The program for a pure-decode step of `rows` sequences, laid out again when a parameter got new
+        storage or a hook since; None where the per-op path runs (eager, too many rows, Unsupported)."""
+        program = self._program
+        if not self.use_program or rows > native.LINEAR_MAX_ROWS:
+            return None
+        if program is None or not program.current():
+            try:
+                program = self._program = DecodeProgram(self.model, self.cache)
+            except Unsupported:
+                self._program = None
+                self.use_program = False  # the model holds what the program cannot run: per-op from now on
+                return None
+        return program
 
     def run_layers(self, segments: list[Segment], n_dec: int, mamba) -> tuple[torch.Tensor, list[int]]:
         """Embeddings and every block over the packed stream of `segments`; returns the pre-norm_f hidden
@@ -143,8 +186,7 @@ class ModelRunner:
     def _run_blocks(self, ids, segments: list[Segment], offsets: list[int], n_dec: int, mamba, write_idx):
         backbone = self.model.backbone
         layers = backbone.layers
-        hidden = backbone.embeddings(ids)[None]
-        x = layers[0].norm(hidden)
+        hidden, x = add_norm(backbone.embeddings(ids)[None], None, layers[0].norm)
         for i, block in enumerate(layers):
             if self.kinds[i] == MAMBA:
                 out = mamba(i, block.mixer, x, segments, offsets, n_dec)
@@ -155,11 +197,7 @@ class ModelRunner:
             if i + 1 == len(layers):
                 hidden = hidden + out
                 break
-            norm = layers[i + 1].norm  # the residual add and the next block's norm: one native call
-            x = native.add_rms_norm(hidden, out, norm.weight, norm.eps)
-            if x is None:
-                hidden = hidden + out
-                x = norm(hidden)
+            hidden, x = add_norm(hidden, out, layers[i + 1].norm)
         return hidden, offsets
 
     def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):

@@ -208,14 +208,15 @@ static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, c
 }
 
 /* out[t] = Σ_{j<k} w[t,j] · down[e](relu(up[e] · x[t])²), e = idx[t,j].
- * x [T, L]; up [E, F, L]; down [E, L, F] (row-major, contiguous; float32, or bfloat16 when w_bf16); idx [T, k]
- * int64; w [T, k]; out [T, L].
+ * x [T, L] (rows ldx floats apart); up [E, F, L]; down [E, L, F] (row-major, contiguous; float32, or bfloat16
+ * when w_bf16); idx [T, k] int64; w [T, k]; out [T, L] (rows ldo floats apart).
  * The (token, slot) pairs are grouped by expert; phase 1 splits the (active expert, F row) pairs over the
  * threads, phase 2 the (active expert, L row) pairs, so each thread streams whole stretches of expert
  * matrices and each row is read once for all its tokens; phase 3 sums each token's k expert outputs in
  * slot order. Returns 0, -1 on an index outside [0, E), -2 if scratch allocation fails. */
-int nm3_experts(const float *x, int64_t T, int64_t L, const void *up, const void *down, int w_bf16, int64_t E,
-                int64_t F, const int64_t *idx, const float *w, int64_t k, float *out, int nthreads) {
+int nm3_experts(const float *x, int64_t ldx, int64_t T, int64_t L, const void *up, const void *down, int w_bf16,
+                int64_t E, int64_t F, const int64_t *idx, const float *w, int64_t k, float *out, int64_t ldo,
+                int nthreads) {
     int64_t P = T * k;
     for (int64_t p = 0; p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
@@ -244,14 +245,14 @@ int nm3_experts(const float *x, int64_t T, int64_t L, const void *up, const void
 
 #pragma omp parallel num_threads(nthreads)
     {
-        expert_rows(up, w_bf16, F, L, active, n_active, start, x, L, token, h, 1); /* h = relu(up · x)² */
+        expert_rows(up, w_bf16, F, L, active, n_active, start, x, ldx, token, h, 1); /* h = relu(up · x)² */
         expert_rows(down, w_bf16, L, F, active, n_active, start, h, F, NULL, ys, 0); /* ys = down · h */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < T * L; r++) {
             int64_t t = r / L, l = r % L;
             float acc = 0.0f;
             for (int64_t j = 0; j < k; j++) acc += w[t * k + j] * ys[where[t * k + j] * L + l];
-            out[r] = acc;
+            out[t * ldo + l] = acc;
         }
     }
 done:
@@ -264,8 +265,8 @@ done:
  * (the bias steers the choice only); weights = score / (Σ score + 1e-20 if norm) · scale. idx [T, k] int64 and
  * w [T, k] receive the choice (slot order: descending score + bias). Returns nm3_experts' code. */
 int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
-                      int64_t *idx, float *w, const float *x, int64_t T, int64_t L, const void *up, const void *down,
-                      int w_bf16, int64_t E, int64_t F, float *out, int nthreads) {
+                      int64_t *idx, float *w, const float *x, int64_t ldx, int64_t T, int64_t L, const void *up,
+                      const void *down, int w_bf16, int64_t E, int64_t F, float *out, int64_t ldo, int nthreads) {
     float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
     if (!score || !choice) {
         free(score); free(choice);
@@ -290,7 +291,7 @@ int nm3_route_experts(const float *logits, int64_t stride, const float *bias, in
         for (int64_t j = 0; j < k; j++) w[t * k + j] *= mul;
     }
     free(score); free(choice);
-    return nm3_experts(x, T, L, up, down, w_bf16, E, F, idx, w, k, out, nthreads);
+    return nm3_experts(x, ldx, T, L, up, down, w_bf16, E, F, idx, w, k, out, ldo, nthreads);
 }
 
 /* One row of the state: S ← decay·S + dx·B, returns S·C (n = N terms, vectorised across n). */
@@ -535,16 +536,17 @@ static inline __attribute__((always_inline)) void attend_range(const float *qh, 
 }
 
 /* out = softmax(q·Kᵀ·scale)·V for n decoding sequences, each one query row of nq heads, GQA (head j reads KV
- * head j / (nq/nkv)). q [n, nq, d]; k_plane, v_plane [nkv, tokens, d], the pool of one attention layer (float32,
+ * head j / (nq/nkv)). q [n, nq, d] (sequences ldq floats apart, heads d apart); k_plane, v_plane [nkv, tokens, d],
+ * the pool of one attention layer (float32,
  * or bfloat16 when kv_bf16: a bf16 K/V cache, widened as it is read); sequence
- * s has lens[s] keys at block ids tables[table_off[s] ...] (key t at row tables[t / bs]·bs + t % bs).
+ * s has lens[s] keys at block ids tables[s][0 ...] (key t at row tables[s][t / bs]·bs + t % bs).
  * out [n, nq, d]. Work items are (sequence, KV head, key range): each reads its keys and values once for all
  * its query heads (attend_range). When there are fewer (sequence, KV head) pairs than threads, each sequence's
  * keys are split into `parts` ranges (split-K) and the partial softmax sums are merged:
  * out = Σ_p e^(m_p − M)·acc_p / Σ_p e^(m_p − M)·l_p, M = max_p m_p. Returns 0, or -2 if scratch fails. */
-int nm3_decode_attention(int64_t n, const float *q, const void *k_plane, const void *v_plane, int kv_bf16,
-                         int64_t tokens, const int64_t *tables, const int64_t *table_off, const int64_t *lens,
-                         int64_t bs, int64_t nq, int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
+int nm3_decode_attention(int64_t n, const float *q, int64_t ldq, const void *k_plane, const void *v_plane,
+                         int kv_bf16, int64_t tokens, const int64_t *const *tables, const int64_t *lens, int64_t bs,
+                         int64_t nq, int64_t nkv, int64_t d, float scale, float *out, int nthreads) {
     int64_t g = nq / nkv, pairs = n * nkv, longest = 0;
     for (int64_t s = 0; s < n; s++) longest = lens[s] > longest ? lens[s] : longest;
     int64_t parts = 1;
@@ -563,13 +565,13 @@ int nm3_decode_attention(int64_t n, const float *q, const void *k_plane, const v
         for (int64_t it = 0; it < items; it++) {
             int64_t pr = it / parts, p = it % parts, s = pr / nkv, hk = pr % nkv, L = lens[s];
             float *mine = part + it * g * (d + 2);
-            const float *qh = q + (s * nq + hk * g) * d;
+            const float *qh = q + s * ldq + hk * g * d;
             const void *kh = w_offset(k_plane, hk * tokens * d, kv_bf16), *vh = w_offset(v_plane, hk * tokens * d, kv_bf16);
             int64_t a = L * p / parts, b = L * (p + 1) / parts;
             if (kv_bf16)
-                attend_range(qh, g, d, kh, vh, 1, tables + table_off[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
+                attend_range(qh, g, d, kh, vh, 1, tables[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
             else
-                attend_range(qh, g, d, kh, vh, 0, tables + table_off[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
+                attend_range(qh, g, d, kh, vh, 0, tables[s], bs, a, b, scale, mine, mine + g, mine + 2 * g);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < pairs * g; r++) { /* merge the parts of (sequence, KV head, query head j) */
@@ -598,17 +600,17 @@ int nm3_decode_attention(int64_t n, const float *q, const void *k_plane, const v
     return 0;
 }
 
-/* h ← h + delta (the residual stream, in place); out = w ⊙ h / sqrt(mean(h²) + eps) per row of H (RMSNorm,
- * norm.py). h, delta, out: [rows, H] contiguous. */
+/* h ← h + delta (the residual stream, in place; no add when delta is NULL); out = w ⊙ h / sqrt(mean(h²) + eps)
+ * per row of H (RMSNorm, norm.py). h, delta, out: [rows, H] contiguous. */
 void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, int64_t rows, int64_t H, float *out,
                       int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(rows > 1 ? nthreads : 1)
     for (int64_t r = 0; r < rows; r++) {
         float *hr = h + r * H, *o = out + r * H;
-        const float *dr = delta + r * H;
+        const float *dr = delta ? delta + r * H : NULL;
         float ss = 0.0f;
         for (int64_t i = 0; i < H; i++) {
-            hr[i] += dr[i];
+            if (dr) hr[i] += dr[i];
             ss += hr[i] * hr[i];
         }
         float scale = 1.0f / sqrtf(ss / (float)H + eps);

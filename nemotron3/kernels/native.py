@@ -1,7 +1,8 @@
 """Build, load and call the fused CPU decode kernels in cpu_decode.c (float32 math, OpenMP).
 
-The C file is compiled once per machine with the system C compiler (`cc -O3 -march=native -fopenmp`) into
-~/.cache/nemotron3/kernels (or $NEMOTRON3_CACHE_DIR/kernels), keyed by a hash of the source, the compiler
+cpu_decode.c and cpu_program.c (a whole decode step replayed in one call, engine/decode_program.py) are
+compiled once per machine with the system C compiler (`cc -O3 -march=native -fopenmp`) into one library in
+~/.cache/nemotron3/kernels (or $NEMOTRON3_CACHE_DIR/kernels), keyed by a hash of the sources, the compiler
 and the CPU's feature flags, then loaded with ctypes. torch is imported first, so the library binds the
 libgomp.so.1 torch already loaded: one OpenMP thread pool, sized by torch.set_num_threads.
 
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+# the kernels, and the decode-step program that replays them (engine/decode_program.py): one library
+SOURCES = [Path(__file__).with_name("cpu_decode.c"), Path(__file__).with_name("cpu_program.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -34,15 +36,18 @@ _tried = False
 
 _p, _i, _f, _n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _p, _p, _n, _i, _i, _p, _p, _i, _p, _n]),
+    "nm3_experts": (ctypes.c_int, [_p, _i, _i, _i, _p, _p, _n, _i, _i, _p, _p, _i, _p, _i, _n]),
     "nm3_mamba_step": (
         None,
         [_i, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _p, _n],
     ),
-    "nm3_route_experts": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _p, _p, _n, _i, _i, _p, _n]),
-    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _p, _p, _n, _i, _p, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
+    "nm3_route_experts": (
+        ctypes.c_int, [_p, _i, _p, _i, _n, _f, _p, _p, _p, _i, _i, _i, _p, _p, _n, _i, _i, _p, _i, _n],
+    ),
+    "nm3_decode_attention": (ctypes.c_int, [_i, _p, _i, _p, _p, _n, _i, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
     "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
+    "nm3_run_program": (ctypes.c_int, [_p, _i, _i, _p, _n]),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
 }
 # Rows (tokens) up to which `linear` runs natively (one pass over the weights for up to 8 rows); more go to
@@ -82,16 +87,18 @@ def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     flags = [*FLAGS, *extra_flags]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
+    texts = [src.read_text() for src in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(flags), _cpu_flags()]).encode())
     out = _cache_dir() / f"cpu_decode-{key.hexdigest()[:16]}.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", str(tmp_so), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()}")
+            raise RuntimeError(f"compiling {' and '.join(src.name for src in SOURCES)} failed:\n{proc.stderr.strip()}")
         os.replace(tmp_so, out)  # atomic: concurrent builders never see a half-written library
     return out
 
@@ -148,6 +155,11 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, L] as the kernels read it: unit stride along L, any row stride (else one copy)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _weight_type(*weights: torch.Tensor) -> int | None:
     """The kernels' bf16 flag (_WEIGHT_FLAG) for streamed tensors (weights, or a K/V pool) that are all float32
     or all bfloat16 CPU tensors without autograd recording; None otherwise."""
@@ -164,22 +176,22 @@ def experts(
 ) -> torch.Tensor | None:
     """Routed experts for a few tokens in one call: [T, L] float32, or None when the kernel cannot run.
 
-    x: [T, L]; up: [E, F, L] and down: [E, L, F] (contiguous, float32 or both bfloat16); indices: [T, k] int64;
-    weights: [T, k] fp32.
+    x: [T, L] (rows may be strided); up: [E, F, L] and down: [E, L, F] (contiguous, float32 or both bfloat16);
+    indices: [T, k] int64; weights: [T, k] fp32.
     """
     lib = library()
     w_bf16 = _weight_type(up, down)
     if lib is None or w_bf16 is None or not _usable(x, weights) or not (up.is_contiguous() and down.is_contiguous()):
         return None
-    x = x.contiguous()
+    x = _rows(x)
     indices = indices.to(torch.int64).contiguous()
     weights = weights.contiguous()
     T, L = x.shape
     E, F_, _ = up.shape
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_experts(
-        x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, indices.data_ptr(), weights.data_ptr(),
-        indices.shape[1], out.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), x.stride(0), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, indices.data_ptr(),
+        weights.data_ptr(), indices.shape[1], out.data_ptr(), L, torch.get_num_threads(),
     )  # fmt: skip
     if rc == -1:
         raise ValueError(f"expert index out of range [0, {E}): {indices.min().item()}..{indices.max().item()}")
@@ -194,8 +206,8 @@ def route_experts(
 ) -> torch.Tensor | None:  # fmt: skip
     """moe.route (n_group = 1) then `experts`, in one call: [T, L] float32, or None when the kernel cannot run.
 
-    logits: [T, E] router logits (rows may be strided, e.g. a slice of a fused projection); bias: [E] float32;
-    up / down as for `experts`.
+    logits: [T, E] router logits and x [T, L] (rows may be strided, e.g. slices of a fused projection); bias: [E]
+    float32; up / down as for `experts`.
     """
     lib = library()
     w_bf16 = _weight_type(up, down)
@@ -207,7 +219,7 @@ def route_experts(
         or not (up.is_contiguous() and down.is_contiguous() and bias.is_contiguous())
     ):
         return None
-    x = x.contiguous()
+    x = _rows(x)
     T, L = x.shape
     E, F_, _ = up.shape
     idx = torch.empty(T, top_k, dtype=torch.int64)
@@ -215,7 +227,7 @@ def route_experts(
     out = torch.empty(T, L, dtype=torch.float32)
     rc = lib.nm3_route_experts(
         logits.data_ptr(), logits.stride(0), bias.data_ptr(), top_k, int(norm_topk_prob), scaling, idx.data_ptr(),
-        w.data_ptr(), x.data_ptr(), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, out.data_ptr(),
+        w.data_ptr(), x.data_ptr(), x.stride(0), T, L, up.data_ptr(), down.data_ptr(), w_bf16, E, F_, out.data_ptr(), L,
         torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
@@ -283,10 +295,10 @@ def decode_attention(
 ) -> torch.Tensor | None:  # fmt: skip
     """One-query attention for n decoding sequences straight from the paged pool: [n, nq, d], or None.
 
-    q: [n, nq, d]; k_plane, v_plane: [nkv, tokens, d] (one layer's pool, contiguous); tables: int64, every
-    sequence's block ids back to back, sequence s's starting at table_offsets[s]; lengths: [n] keys per
-    sequence (the new token's K/V already written). Scale 1/√d, softmax in float32. The pool may be float32 or
-    bfloat16 (a bf16 K/V cache, widened as it is read); q is float32.
+    q: [n, nq, d] (any sequence stride); k_plane, v_plane: [nkv, tokens, d] (one layer's pool, contiguous);
+    tables: int64, every sequence's block ids back to back, sequence s's starting at table_offsets[s]; lengths:
+    [n] keys per sequence (the new token's K/V already written). Scale 1/√d, softmax in float32. The pool may be
+    float32 or bfloat16 (a bf16 K/V cache, widened as it is read); q is float32.
     """
     lib = library()
     kv_bf16 = _weight_type(k_plane, v_plane)
@@ -297,12 +309,14 @@ def decode_attention(
         or not (k_plane.is_contiguous() and v_plane.is_contiguous())
     ):
         return None
-    q = q.contiguous()
     n, nq, d = q.shape
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
     nkv, tokens, _ = k_plane.shape
     out = torch.empty(n, nq, d, dtype=torch.float32)
+    table_ptrs = table_offsets * tables.element_size() + tables.data_ptr()  # the kernel takes one pointer per sequence
     rc = lib.nm3_decode_attention(
-        n, q.data_ptr(), k_plane.data_ptr(), v_plane.data_ptr(), kv_bf16, tokens, tables.data_ptr(), table_offsets.data_ptr(),
+        n, q.data_ptr(), q.stride(0), k_plane.data_ptr(), v_plane.data_ptr(), kv_bf16, tokens, table_ptrs.data_ptr(),
         lengths.data_ptr(), block_size, nq, nkv, d, d**-0.5, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
@@ -310,23 +324,26 @@ def decode_attention(
     return out
 
 
-def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+def add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor | None:
     """hidden += delta in place, then RMSNorm(hidden) with `weight`: the residual add and the next block's
-    norm as one call. hidden, delta: [..., H] float32 contiguous. Returns the normed tensor, or None (nothing
-    was changed) when the kernel cannot run."""
+    norm as one call (delta None: the norm alone). hidden, delta: [..., H] float32 contiguous. Returns the normed
+    tensor, or None (nothing was changed) when the kernel cannot run."""
     lib = library()
+    tensors = (hidden, weight) if delta is None else (hidden, delta, weight)
     if (
         lib is None
-        or not _usable(hidden, delta, weight)
-        or not (hidden.is_contiguous() and delta.is_contiguous() and weight.is_contiguous())
-        or hidden.shape != delta.shape
+        or not _usable(*tensors)
+        or not all(t.is_contiguous() for t in tensors)
+        or (delta is not None and hidden.shape != delta.shape)
     ):
         return None
     H = hidden.shape[-1]
     out = torch.empty_like(hidden)
     lib.nm3_add_rms_norm(
-        hidden.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, hidden.numel() // H, H, out.data_ptr(),
-        torch.get_num_threads(),
+        hidden.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), eps, hidden.numel() // H,
+        H, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 

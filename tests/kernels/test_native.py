@@ -67,6 +67,8 @@ def expert_inputs(T, E, k, F_, L, seed):
 def test_experts_match_float64(T, E, k, F_, L):
     for seed in range(3):
         x, up, down, indices, weights = expert_inputs(T, E, k, F_, L, seed)
+        if seed == 2:  # rows of a wider buffer, read in place
+            x = torch.zeros(T, L + 5)[:, 2 : 2 + L].copy_(x)
         out = native.experts(x, up, down, indices, weights)
         assert out is not None and out.dtype == torch.float32
         assert_close_rel(out, experts_ref(x, up, down, indices, weights), RTOL, f"experts T={T} seed={seed}")
@@ -95,7 +97,8 @@ def test_route_experts_matches_float64_router_and_experts(norm, scale):
     T, E, k, F_, L = 4, 16, 4, 40, 24
     x, up, down, _, _ = expert_inputs(T, E, k, F_, L, seed=7)
     g = torch.Generator().manual_seed(8)
-    logits = torch.randn(T, E + 9, generator=g)[:, 3 : 3 + E]  # strided rows, as a slice of the fused GEMV
+    fused = torch.randn(T, E + L + 9, generator=g)  # logits and x: strided rows, slices of the fused GEMV
+    logits, x = fused[:, 3 : 3 + E], fused[:, 3 + E : 3 + E + L].copy_(x)
     bias = torch.rand(E, generator=g) * 0.2 - 0.1
     out = native.route_experts(logits, bias, k, norm, scale, x, up, down)
     w_ref, i_ref = route_ref(logits, bias, k, 1, 1, norm, scale)
@@ -198,7 +201,8 @@ def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d, kv_dty
         start += len(blocks)
         offsets.append(len(tables))
         tables += blocks
-    q = torch.randn(len(lengths), nq, d, generator=g) * 2.0
+    qkv = torch.randn(len(lengths), (nq + 2 * nkv) * d, generator=g) * 2.0
+    q = qkv[:, : nq * d].view(len(lengths), nq, d)  # rows of a fused qkv projection, read in place
     out = native.decode_attention(
         q, k_plane, v_plane, torch.tensor(tables), torch.tensor(offsets), torch.tensor(lengths), bs
     )
@@ -244,6 +248,9 @@ def test_add_rms_norm_updates_the_residual_and_normalises_like_float64():
     assert_close_rel(hidden, want_h, RTOL, "residual stream")
     assert_close_rel(out, want, RTOL, "normed")
     assert native.add_rms_norm(hidden, delta[:, :4], weight, 1e-5) is None  # mismatched shapes: declined
+    alone = native.add_rms_norm(hidden, None, weight, 1e-5)  # no delta: the norm alone, hidden unchanged
+    assert_close_rel(hidden, want_h, RTOL, "residual stream untouched")
+    assert_close_rel(alone, want, RTOL, "normed without an add")
 
 
 @needs_native
