@@ -208,7 +208,7 @@ class ModelRunner:
         parts = []
         if n_dec:
             parts.append(self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm))
-        parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
+        parts += self._prefill_chunks(mixer, proj, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return apply(mixer.out_proj, y.to(x.dtype))
 
@@ -239,13 +239,18 @@ class ModelRunner:
         return y.view(1, n, -1)
 
     @staticmethod
-    def _prefill_chunks(mixer, z, xbc, dt, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm):
-        """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place."""
+    def _prefill_chunks(mixer, proj, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm):
+        """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place: one
+        native call per chunk (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops."""
         parts = []
+        dt_range = mixer.prefill_dt_range()
         for k in range(n_dec, len(segments)):
             a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
-            state = MambaState(conv[slot : slot + 1], ssm[slot : slot + 1])
-            parts.append(mixer.mix(z[:, a:b], xbc[:, a:b], dt[:, a:b], state, decode=False))
+            y = native.mamba_prefill(mixer, proj[0, a:b], conv[slot], ssm[slot], dt_range)
+            if y is None:
+                z, xbc, dt = mixer.split_projection(proj[:, a:b])
+                y = mixer.mix(z, xbc, dt, MambaState(conv[slot : slot + 1], ssm[slot : slot + 1]), decode=False)[0]
+            parts.append(y[None])
         return parts
 
     def _attention(self, layer: int, attn, x: torch.Tensor, segments: list[Segment], offsets: list[int], write_idx):

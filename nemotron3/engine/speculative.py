@@ -201,7 +201,8 @@ class SpecRunner(ModelRunner):
     def _spec_mamba(self, layer: int, mixer, x: torch.Tensor, segments, offsets, n_dec: int) -> torch.Tensor:
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
-        z, xbc, dt = mixer.split_projection(apply(mixer.in_proj, x))  # [1, T, ·]
+        proj = apply(mixer.in_proj, x)  # [1, T, I + C + nh]
+        z, xbc, dt = mixer.split_projection(proj)
         parts = []
         if n_dec:
             lengths = [len(s.tokens) for s in segments[:n_dec]]
@@ -229,7 +230,7 @@ class SpecRunner(ModelRunner):
                 if T == min(lengths)
                 else torch.cat([y[k, :n] for k, n in enumerate(lengths)])[None]
             )
-        parts += self._prefill_chunks(mixer, z, xbc, dt, segments, offsets, n_dec, conv, ssm)
+        parts += self._prefill_chunks(mixer, proj, segments, offsets, n_dec, conv, ssm)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return apply(mixer.out_proj, y.to(x.dtype))
 

@@ -9,6 +9,7 @@
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
  *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
  *   nm3_ssd_scan    the chunked SSD scan of one sequence's prefill
+ *   nm3_mamba_prefill  a Mamba-2 layer's prefill between in_proj and out_proj: conv, SiLU, nm3_ssd_scan, gated norm
  * The weight-streaming kernels (nm3_linear, nm3_experts, nm3_route_experts) read float32 or bfloat16 weights
  * (`w_bf16`), and nm3_decode_attention a float32 or bfloat16 K/V cache (`kv_bf16`): a bfloat16 is the upper half
  * of a float32, so widening it is a 16-bit shift and every product and sum stays float32. Activations, states
@@ -738,36 +739,67 @@ int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16
     return 0;
 }
 
-/* acc[c] += Σ_{j<m} w[j]·rows[j·ld + c] for c < p; 64-column blocks held in registers across the m rows. */
-static void axpy_rows(float *acc, const float *w, const float *rows, int64_t ld, int64_t m, int64_t p) {
+/* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart). The mb rows
+ * share every load of b: 4 rows × 64 columns of sums stay in registers, so FMAs, not loads, set the pace. Inlined
+ * per mb. */
+static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ldacc, const float *a, int64_t lda,
+                                                          const float *b, int64_t ldb, const int mb, int64_t k,
+                                                          int64_t p) {
     int64_t c = 0;
 #if defined(__AVX512F__)
     for (; c + 64 <= p; c += 64) {
-        __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
-        __m512 a2 = _mm512_loadu_ps(acc + c + 32), a3 = _mm512_loadu_ps(acc + c + 48);
-        for (int64_t j = 0; j < m; j++) {
-            __m512 wj = _mm512_set1_ps(w[j]);
-            const float *r = rows + j * ld + c;
-            a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r), a0);
-            a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16), a1);
-            a2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 32), a2);
-            a3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 48), a3);
+        __m512 s[4][4];
+        for (int r = 0; r < mb; r++)
+            for (int v = 0; v < 4; v++) s[r][v] = _mm512_loadu_ps(acc + r * ldacc + c + 16 * v);
+        for (int64_t j = 0; j < k; j++) {
+            const float *bj = b + j * ldb + c;
+            __m512 b0 = _mm512_loadu_ps(bj), b1 = _mm512_loadu_ps(bj + 16);
+            __m512 b2 = _mm512_loadu_ps(bj + 32), b3 = _mm512_loadu_ps(bj + 48);
+            for (int r = 0; r < mb; r++) {
+                __m512 av = _mm512_set1_ps(a[r * lda + j]);
+                s[r][0] = _mm512_fmadd_ps(av, b0, s[r][0]);
+                s[r][1] = _mm512_fmadd_ps(av, b1, s[r][1]);
+                s[r][2] = _mm512_fmadd_ps(av, b2, s[r][2]);
+                s[r][3] = _mm512_fmadd_ps(av, b3, s[r][3]);
+            }
         }
-        _mm512_storeu_ps(acc + c, a0);
-        _mm512_storeu_ps(acc + c + 16, a1);
-        _mm512_storeu_ps(acc + c + 32, a2);
-        _mm512_storeu_ps(acc + c + 48, a3);
+        for (int r = 0; r < mb; r++)
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + r * ldacc + c + 16 * v, s[r][v]);
     }
-    for (; c + 16 <= p; c += 16) {
-        __m512 a0 = _mm512_loadu_ps(acc + c);
-        for (int64_t j = 0; j < m; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(rows + j * ld + c), a0);
-        _mm512_storeu_ps(acc + c, a0);
+    for (; c < p; c += 16) {
+        __mmask16 m = p - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (p - c)) - 1u);
+        __m512 s[4];
+        for (int r = 0; r < mb; r++) s[r] = _mm512_maskz_loadu_ps(m, acc + r * ldacc + c);
+        for (int64_t j = 0; j < k; j++) {
+            __m512 bv = _mm512_maskz_loadu_ps(m, b + j * ldb + c);
+            for (int r = 0; r < mb; r++) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + j]), bv, s[r]);
+        }
+        for (int r = 0; r < mb; r++) _mm512_mask_storeu_ps(acc + r * ldacc + c, m, s[r]);
     }
+#else
+    for (int r = 0; r < mb; r++)
+        for (int64_t j = 0; j < k; j++) {
+            float w = a[r * lda + j];
+            for (int64_t cc = 0; cc < p; cc++) acc[r * ldacc + cc] += w * b[j * ldb + cc];
+        }
 #endif
-    for (; c < p; c++) {
-        float s = acc[c];
-        for (int64_t j = 0; j < m; j++) s += w[j] * rows[j * ld + c];
-        acc[c] = s;
+}
+
+/* acc [m, p] += a [m, k] · b [k, p] in blocks of 4 rows (mm_rows). Lower-triangular a (tri: a[r][j] = 0 for j > r,
+ * zeros stored up to the block's last row) stops each block at its last row's diagonal. */
+static void mm_acc(float *acc, int64_t ldacc, const float *a, int64_t lda, const float *b, int64_t ldb, int64_t m,
+                   int64_t k, int64_t p, int tri) {
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        int mb = m - r0 < 4 ? (int)(m - r0) : 4;
+        int64_t kk = tri && r0 + mb < k ? r0 + mb : k;
+        float *ar = acc + r0 * ldacc;
+        const float *a0 = a + r0 * lda;
+        switch (mb) {
+        case 1: mm_rows(ar, ldacc, a0, lda, b, ldb, 1, kk, p); break;
+        case 2: mm_rows(ar, ldacc, a0, lda, b, ldb, 2, kk, p); break;
+        case 3: mm_rows(ar, ldacc, a0, lda, b, ldb, 3, kk, p); break;
+        default: mm_rows(ar, ldacc, a0, lda, b, ldb, 4, kk, p); break;
+        }
     }
 }
 
@@ -814,10 +846,12 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                 }
             }
         }
-        float *ST = malloc((size_t)(n * p) * sizeof(float));   /* state, transposed [n][p] */
-        float *X = malloc((size_t)(Q * p) * sizeof(float));    /* Δ_j x_j of the chunk [Q][p] */
-        float *W = malloc((size_t)(Q * n + 3 * Q + n) * sizeof(float)); /* B weights [n][Q] | s | e^s | row */
-        if (!ST || !X || !W) {
+        int64_t nQ = n > Q ? n : Q;
+        float *ST = malloc((size_t)(n * p) * sizeof(float)); /* state, transposed [n][p] */
+        float *X = malloc((size_t)(Q * p) * sizeof(float));  /* Δ_j x_j of the chunk [Q][p] */
+        float *M = malloc((size_t)(Q * nQ) * sizeof(float)); /* the chunk's mixing weights [Q][Q], then C·e^s [Q][n] */
+        float *W = malloc((size_t)(n * Q + 3 * Q) * sizeof(float)); /* B weights [n][Q] | s | e^s | scratch */
+        if (!ST || !X || !M || !W) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -825,13 +859,14 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
         if (!failed) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t hd = 0; hd < h; hd++) {
-                int64_t gi = hd / hpg;
-                float a = A[hd], *S = state + hd * p * n, *wB = W, *s = W + Q * n, *es = s + Q, *row = es + Q;
+                int64_t gi = hd / hpg, ldy = h * p;
+                float a = A[hd], *S = state + hd * p * n, *wB = W, *s = W + n * Q, *es = s + Q, *tmp = es + Q;
                 for (int64_t k = 0; k < n; k++)
                     for (int64_t c = 0; c < p; c++) ST[k * p + c] = S[c * n + k];
                 for (int64_t c = 0; c * Q < t; c++) {
                     int64_t c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
                     const float *cbc = cb + (c * g + gi) * Q * Q;
+                    float *yc = y + (c0 * h + hd) * p; /* the chunk's first output row; rows ldy apart */
                     float acc = 0.0f;
                     for (int64_t l = 0; l < q; l++) {
                         float d = dt[(c0 + l) * lddt + hd];
@@ -840,38 +875,158 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                         es[l] = expf(acc);
                         const float *xl = x + (c0 + l) * ldx + hd * p;
                         for (int64_t cc = 0; cc < p; cc++) X[l * p + cc] = d * xl[cc];
+                        for (int64_t cc = 0; cc < p; cc++) yc[l * ldy + cc] = 0.0f;
                     }
+                    /* intra-chunk: y_l += Σ_{j≤l} M[l][j]·X_j, M[l][j] = (C_l·B_j)·e^(s_l − s_j) (zero above the
+                     * diagonal to the end of each 4-row block, which mm_acc reads) */
                     for (int64_t l = 0; l < q; l++) {
-                        float *yl = y + ((c0 + l) * h + hd) * p;
-                        for (int64_t j = 0; j <= l; j++) { /* row[j] = (C_l·B_j)·e^(s_l − s_j) */
+                        float *row = M + l * Q;
+                        for (int64_t j = 0; j <= l; j++) {
                             row[j] = cbc[l * Q + j];
-                            wB[j] = s[l] - s[j]; /* ≤ 0: s falls as A < 0, Δ ≥ 0 (wB is free until the state update) */
+                            tmp[j] = s[l] - s[j]; /* ≤ 0: s falls as A < 0, Δ ≥ 0 */
                         }
-                        mul_exp_nonpos(row, wB, l + 1);
-                        for (int64_t cc = 0; cc < p; cc++) yl[cc] = 0.0f;
-                        axpy_rows(yl, row, X, p, l + 1, p); /* intra-chunk */
+                        mul_exp_nonpos(row, tmp, l + 1);
+                        for (int64_t j = l + 1; j < q && j < (l | 3) + 1; j++) row[j] = 0.0f;
+                    }
+                    mm_acc(yc, ldy, M, Q, X, p, q, q, p, 1);
+                    /* the entering state: y_l += e^(s_l)·(C_l · S) */
+                    for (int64_t l = 0; l < q; l++) {
                         const float *Cl = C + (c0 + l) * ldc + gi * n;
-                        for (int64_t k = 0; k < n; k++) row[k] = es[l] * Cl[k];
-                        axpy_rows(yl, row, ST, p, n, p); /* the entering state */
+                        for (int64_t k = 0; k < n; k++) M[l * n + k] = es[l] * Cl[k];
                     }
+                    mm_acc(yc, ldy, M, n, ST, p, q, n, p, 0);
+                    /* S ← e^(s_last)·S + Σ_j e^(s_last − s_j)·B_j ⊗ X_j */
                     float last = s[q - 1], decay = expf(last);
-                    for (int64_t j = 0; j < q; j++) row[j] = last - s[j];
+                    for (int64_t j = 0; j < q; j++) tmp[j] = last - s[j];
                     for (int64_t j = 0; j < q; j++) es[j] = 1.0f;
-                    mul_exp_nonpos(es, row, q); /* es[j] = e^(s_last − s_j) */
-                    for (int64_t k = 0; k < n; k++) {
+                    mul_exp_nonpos(es, tmp, q); /* es[j] = e^(s_last − s_j) */
+                    for (int64_t k = 0; k < n; k++)
                         for (int64_t j = 0; j < q; j++) wB[k * Q + j] = B[(c0 + j) * ldb + gi * n + k] * es[j];
-                        float *stk = ST + k * p;
-                        for (int64_t cc = 0; cc < p; cc++) stk[cc] *= decay;
-                        axpy_rows(stk, wB + k * Q, X, p, q, p);
-                    }
+                    for (int64_t i = 0; i < n * p; i++) ST[i] *= decay;
+                    mm_acc(ST, p, wB, Q, X, p, n, q, p, 0);
                 }
                 for (int64_t k = 0; k < n; k++)
                     for (int64_t c = 0; c < p; c++) S[c * n + k] = ST[k * p + c];
             }
         }
-        free(ST); free(X); free(W);
+        free(ST); free(X); free(M); free(W);
         FTZ_END
     }
     free(cb);
     return failed ? -2 : 0;
+}
+
+/* silu(v) = v·σ(v) for every element of a row, in place. σ comes from e = e^(−|v|) ≤ 1 (exp_nonpos): 1/(1+e)
+ * for v ≥ 0, e/(1+e) below, so no exponent overflows. */
+static void silu_row(float *v, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(v + i);
+        __m512 e = exp_nonpos(_mm512_sub_ps(zero, _mm512_abs_ps(x)));
+        __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+        __m512 sig = _mm512_mask_mul_ps(inv, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), inv, e);
+        _mm512_storeu_ps(v + i, _mm512_mul_ps(x, sig));
+    }
+#endif
+    for (; i < n; i++) v[i] = silu(v[i]);
+}
+
+/* Σ v[i]² (16 lanes, then the rest). */
+static float sum_sq(const float *v, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(v + i);
+        acc = _mm512_fmadd_ps(x, x, acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += v[i] * v[i];
+    return s;
+}
+
+/* A Mamba2Mixer's prefill of one sequence between in_proj and out_proj (mamba2.py `mix`, decode=False):
+ *   u = silu(causal depthwise conv of xbc, continuing from conv_state, + conv_b)   (x | B | C columns)
+ *   Δ = clamp(softplus(dt + dt_bias), lo, hi);  y = SSD scan (nm3_ssd_scan) of x, Δ, A = −e^A_log, B, C
+ *   out = norm_w ⊙ g / rms(g) per norm group,  g = (y + D·x) ⊙ silu(z)
+ * proj [t, I + C + nh]: in_proj output rows (z | xbc | dt), ldp floats apart. conv_state [C, K−1] receives the
+ * last K−1 inputs; ssm_state [nh, P, N] the final state; out [t, I]. The conv runs token-parallel over a
+ * transposed copy of the weights, the element-wise passes once each over rows that stay in cache.
+ * Returns 0, or -2 if scratch allocation fails. */
+int nm3_mamba_prefill(int64_t t, const float *proj, int64_t ldp, float *conv_state, float *ssm_state,
+                      const float *conv_w, const float *conv_b, const float *dt_bias, const float *A_log,
+                      const float *D, const float *norm_w, int64_t C, int64_t K, int64_t nh, int64_t P, int64_t N,
+                      int64_t G, int64_t norm_groups, int64_t Q, float dt_lo, float dt_hi, float eps, float *out,
+                      int nthreads) {
+    int64_t I = nh * P, gsize = I / norm_groups;
+    float *u = malloc((size_t)(t * C) * sizeof(float)), *delta = malloc((size_t)(t * nh) * sizeof(float));
+    float *wt = malloc((size_t)(K * C) * sizeof(float)), *pre = malloc((size_t)((K > 1 ? K - 1 : 1) * C) * sizeof(float));
+    float *A = malloc((size_t)nh * sizeof(float));
+    int rc = 0;
+    if (!u || !delta || !wt || !pre || !A) {
+        rc = -2;
+        goto done;
+    }
+    for (int64_t c = 0; c < C; c++) { /* weights [K][C] and the entering window [K−1][C]: channels contiguous */
+        for (int64_t j = 0; j < K; j++) wt[j * C + c] = conv_w[c * K + j];
+        for (int64_t j = 0; j + 1 < K; j++) pre[j * C + c] = conv_state[c * (K - 1) + j];
+    }
+    for (int64_t hd = 0; hd < nh; hd++) A[hd] = -expf(A_log[hd]);
+    const float *xbc = proj + I, *dt = proj + I + C;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < t; i++) {
+            float *ui = u + i * C;
+            for (int64_t c = 0; c < C; c++) ui[c] = conv_b ? conv_b[c] : 0.0f;
+            for (int64_t j = 0; j < K; j++) {
+                int64_t m = i - (K - 1) + j; /* input row m of the window: a token, or the entering state */
+                const float *src = m >= 0 ? xbc + m * ldp : pre + (m + K - 1) * C, *w = wt + j * C;
+                for (int64_t c = 0; c < C; c++) ui[c] += w[c] * src[c];
+            }
+            silu_row(ui, C);
+            for (int64_t hd = 0; hd < nh; hd++) {
+                float d = softplus(dt[i * ldp + hd] + dt_bias[hd]);
+                delta[i * nh + hd] = d < dt_lo ? dt_lo : (d > dt_hi ? dt_hi : d);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; c++) /* the last K−1 inputs of the window become the state */
+            for (int64_t j = 0; j + 1 < K; j++) {
+                int64_t m = t - (K - 1) + j;
+                conv_state[c * (K - 1) + j] = m >= 0 ? xbc[m * ldp + c] : pre[(m + K - 1) * C + c];
+            }
+        FTZ_END
+    }
+    rc = nm3_ssd_scan(t, nh, P, G, N, Q, u, C, delta, nh, A, u + I, C, u + I + G * N, C, ssm_state, out, nthreads);
+    if (rc != 0) goto done;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < t; i++) {
+            float *yi = out + i * I;
+            const float *xi = u + i * C, *zi = proj + i * ldp;
+            float gate[gsize];
+            for (int64_t hd = 0; hd < nh; hd++)
+                for (int64_t p = 0; p < P; p++) yi[hd * P + p] += D[hd] * xi[hd * P + p];
+            for (int64_t r = 0; r < norm_groups; r++) {
+                float *g = yi + r * gsize;
+                for (int64_t k = 0; k < gsize; k++) gate[k] = zi[r * gsize + k];
+                silu_row(gate, gsize);
+                for (int64_t k = 0; k < gsize; k++) g[k] *= gate[k];
+                float scale = 1.0f / sqrtf(sum_sq(g, gsize) / (float)gsize + eps);
+                for (int64_t k = 0; k < gsize; k++) g[k] = norm_w[r * gsize + k] * (g[k] * scale);
+            }
+        }
+        FTZ_END
+    }
+done:
+    free(u); free(delta); free(wt); free(pre); free(A);
+    return rc;
 }

@@ -48,6 +48,9 @@ _SIGNATURES = {
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
     "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
     "nm3_run_program": (ctypes.c_int, [_p, _i, _i, _p, _n]),
+    "nm3_mamba_prefill": (
+        ctypes.c_int, [_i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _n],
+    ),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
 }
 # Rows (tokens) up to which `linear` runs natively (one pass over the weights for up to 8 rows); more go to
@@ -286,6 +289,33 @@ def mamba_step(
         ssm_pool.data_ptr(), *static, dt_range[0], dt_range[1], mixer.norm.eps, u.data_ptr(), out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def mamba_prefill(
+    mixer, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, dt_range: tuple[float, float]
+) -> torch.Tensor | None:  # fmt: skip
+    """A Mamba2Mixer's prefill of one sequence (conv, SiLU, SSD scan, D skip, gated norm: `mix` with decode=False)
+    in one call, advancing both states in place: the normed output [t, I] float32, or None where the kernel
+    cannot run.
+
+    proj: [t, I + C + nh] in_proj output rows (z | xbc | dt), unit stride within a row; conv_state [C, K-1] and
+    ssm_state [nh, P, N] contiguous float32 (one pool slot each); dt_range: (lo, hi) clamp of Δ.
+    """
+    lib = library()
+    if lib is None or proj.dim() != 2 or not _usable(proj, conv_state, ssm_state) or proj.stride(-1) != 1:
+        return None
+    static = _mamba_static(mixer)
+    if static is None or not (conv_state.is_contiguous() and ssm_state.is_contiguous()):
+        return None
+    t = proj.shape[0]
+    out = torch.empty(t, mixer.inner, dtype=torch.float32)
+    rc = lib.nm3_mamba_prefill(
+        t, proj.data_ptr(), proj.stride(0), conv_state.data_ptr(), ssm_state.data_ptr(), *static[:6], *static[6:],
+        mixer.chunk_size, dt_range[0], dt_range[1], mixer.norm.eps, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_mamba_prefill: scratch allocation failed")
     return out
 
 

@@ -269,6 +269,12 @@ class Mamba2Mixer(nn.Module):
         lo, hi = self.time_step_limit
         return (lo, hi) if lo > 0.0 or hi < math.inf else (-math.inf, math.inf)
 
+    def prefill_dt_range(self) -> tuple[float, float]:
+        """(lo, hi) that the chunked scan clamps Δ to (`_step_size(…, chunked=True)`), for the native prefill."""
+        if self.dt_clamp == DT_CLAMP_TRANSFORMERS:
+            return (self.time_step_min, math.inf)
+        return self.decode_dt_range()
+
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj and its split: z [.., I] (gate), xbc [.., C] (conv input x|B|C), dt [.., nh]."""
         return self.split_projection(self.in_proj(hidden))

@@ -14,7 +14,7 @@ from torch import nn
 from nemotron3.config import ModelConfig
 from nemotron3.kernels import native
 from nemotron3.model.fused import FusedWeights, apply, fast_path_on, fusable, linear, stack_inputs, stack_outputs
-from nemotron3.model.mlp import MLP, relu2
+from nemotron3.model.mlp import MLP, relu2, relu2_
 
 
 def route(
@@ -107,17 +107,19 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()  # one host sync per layer
-        xs = x[token]
+        xs = x.index_select(0, token)
         ys = torch.empty_like(xs)
+        in_place = not torch.is_grad_enabled()  # inference: activations and weights applied in place (same values)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                seg = xs[start : start + n]
-                ys[start : start + n] = linear(relu2(linear(seg, self.up_proj[e])), self.down_proj[e])
+                h = linear(xs[start : start + n], self.up_proj[e])
+                h = relu2_(h) if in_place else relu2(h)
+                ys[start : start + n] = linear(h, self.down_proj[e])
                 start += n
-        out = x.new_zeros(T, x.shape[-1], dtype=torch.float32)
-        out.index_add_(0, token, ys.float() * weights.reshape(-1)[order, None])
-        return out
+        w = weights.reshape(-1)[order, None]
+        ys = ys.float().mul_(w) if in_place else ys.float() * w
+        return x.new_zeros(T, x.shape[-1], dtype=torch.float32).index_add_(0, token, ys)
 
 
 class MoE(nn.Module):
@@ -171,7 +173,7 @@ class MoE(nn.Module):
             )  # fmt: skip
         if routed is None:
             routed = self.experts(latent, *g.choose(logits))
-        return linear(torch.cat([relu2(h), routed], dim=-1), w_out)
+        return linear(torch.cat([relu2_(h), routed], dim=-1), w_out)  # h: columns of a fresh output, ours to reuse
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]

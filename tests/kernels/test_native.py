@@ -143,16 +143,22 @@ def mamba_step_ref(mixer: Mamba2Mixer, proj: torch.Tensor, conv: torch.Tensor, s
     return mixer.norm.weight.detach().to(f64) * g.reshape(b, I), new_conv, new_ssm
 
 
-@needs_native
-@pytest.mark.parametrize("lo_hi", [(-math.inf, math.inf), (0.05, 0.4)])
-def test_mamba_step_matches_float64_on_scattered_slots(lo_hi):
-    cfg = small_config("M", mamba_num_heads=6, n_groups=3, ssm_state_size=12, mamba_head_dim=8, conv_kernel=4)
+def random_mixer(g: torch.Generator, **overrides) -> Mamba2Mixer:
+    """A small Mamba2Mixer (6 heads in 3 groups, state 12, head 8, conv 4) with every parameter ~ N(0, 0.25)."""
+    sizes = dict(mamba_num_heads=6, n_groups=3, ssm_state_size=12, mamba_head_dim=8, conv_kernel=4)
     torch.manual_seed(1)
-    mixer = Mamba2Mixer(cfg)
-    g = torch.Generator().manual_seed(2)
+    mixer = Mamba2Mixer(small_config("M", **{**sizes, **overrides}))
     with torch.no_grad():
         for p in mixer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return mixer
+
+
+@needs_native
+@pytest.mark.parametrize("lo_hi", [(-math.inf, math.inf), (0.05, 0.4)])
+def test_mamba_step_matches_float64_on_scattered_slots(lo_hi):
+    g = torch.Generator().manual_seed(2)
+    mixer = random_mixer(g)
     S, b = 7, 3
     slots = torch.tensor([5, 0, 3])
     conv = torch.randn(S, mixer.conv_dim, mixer.kernel - 1, generator=g)
@@ -169,6 +175,42 @@ def test_mamba_step_matches_float64_on_scattered_slots(lo_hi):
     assert_close_rel(ssm[slots], ref_ssm, RTOL, "ssm state")
     untouched = [i for i in range(S) if i not in slots.tolist()]
     assert torch.equal(conv[untouched], conv0[untouched]) and torch.equal(ssm[untouched], ssm0[untouched])
+
+
+@needs_native
+@pytest.mark.parametrize(("t", "portable"), [(1, False), (2, False), (45, False), (130, False), (45, True)])
+@pytest.mark.parametrize("lo_hi", [(1e-3, math.inf), (0.05, 0.4)])
+def test_mamba_prefill_matches_the_float64_recurrence(t, portable, lo_hi):
+    """The fused prefill (conv from the entering window, SiLU, chunked scan, D skip, gated norm) against the
+    decode step's float64 reference applied token by token from the same states. t = 1 and 2 are shorter than
+    the conv window (K − 1 = 3), so the new window mixes old state and new inputs; 45 and 130 are not multiples
+    of the chunk (16). `portable`: the plain-C build (-mno-avx512f)."""
+    before = native.library()
+    if portable:
+        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
+    try:
+        _check_mamba_prefill(t, lo_hi)
+    finally:
+        native.use(before)
+
+
+def _check_mamba_prefill(t, lo_hi):
+    g = torch.Generator().manual_seed(3)
+    mixer = random_mixer(g, chunk_size=16)
+    conv = torch.randn(mixer.conv_dim, mixer.kernel - 1, generator=g)
+    ssm = torch.randn(mixer.num_heads, mixer.head_dim, mixer.state_size, generator=g)
+    row = mixer.inner + mixer.conv_dim + mixer.num_heads
+    proj = torch.randn(t, row + 3, generator=g)[:, :row]  # rows of a wider buffer
+    ref_conv, ref_ssm, ref_out = conv[None].double(), ssm[None].double(), []
+    for i in range(t):
+        out_i, ref_conv, ref_ssm = mamba_step_ref(mixer, proj[i : i + 1], ref_conv, ref_ssm, lo_hi)
+        ref_out.append(out_i)
+    with torch.inference_mode():
+        out = native.mamba_prefill(mixer, proj, conv, ssm, lo_hi)
+    assert out is not None and out.shape == (t, mixer.inner)
+    assert_close_rel(out, torch.cat(ref_out), RTOL, f"prefill output t={t}")
+    assert_close_rel(conv, ref_conv[0], RTOL, "conv window")
+    assert_close_rel(ssm, ref_ssm[0], RTOL, "ssm state")
 
 
 def test_disabled_by_environment(monkeypatch):
