@@ -16,6 +16,7 @@ import torch
 from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.engine.decode_program import DecodeProgram, Unsupported
+from nemotron3.engine.host_memory import keep_freed_memory
 from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
 from nemotron3.model.fused import apply, fast_path
@@ -103,6 +104,7 @@ class ModelRunner:
         self.cache = cache
         self.kinds = model.config.layers_block_type
         if model.device.type == "cpu":
+            keep_freed_memory()  # prefill temporaries stay in the heap for reuse (engine/host_memory.py)
             transpose_linear_storage(model)
             for module in model.modules():
                 if isinstance(module, (MoE, Attention)):
