@@ -4,6 +4,8 @@
  * into one call each:
  *   nm3_experts     routed LatentMoE experts for a few tokens: Σ_j w_j · down_e(relu(up_e x)²)
  *   nm3_route_experts  the router's top-k choice, then nm3_experts
+ *   nm3_moe_dispatch / nm3_moe_combine  a prefill's routing and grouping of tokens by expert, and the weighted sum
+ *                   of the experts' outputs (the expert GEMMs in between are MKL's)
  *   nm3_mamba_step  the Mamba-2 recurrence step between in_proj and out_proj, on pooled state slots
  *   nm3_decode_attention  one-query GQA attention for every decoding sequence, read through its block table
  *   nm3_add_rms_norm  the residual add and the next block's RMSNorm
@@ -261,10 +263,31 @@ done:
     return rc;
 }
 
-/* The LatentMoE router (moe.py `route`, ungrouped: n_group = 1) then nm3_experts, in one call.
- * logits: [T, E] rows `stride` floats apart; score = sigmoid(logit); the top k of score + bias[e] are chosen
- * (the bias steers the choice only); weights = score / (Σ score + 1e-20 if norm) · scale. idx [T, k] int64 and
- * w [T, k] receive the choice (slot order: descending score + bias). Returns nm3_experts' code. */
+/* The LatentMoE router (moe.py `route`, ungrouped: n_group = 1) for one token: score = sigmoid(logit); the top k of
+ * score + bias[e] are chosen (the bias steers the choice only); weights = score / (Σ score + 1e-20 if norm) · scale.
+ * idx[k] and w[k] receive the choice in slot order (descending score + bias); score, choice: scratch [E]. */
+static void route_token(const float *logits, const float *bias, int64_t E, int64_t k, int norm, float scale,
+                        int64_t *idx, float *w, float *score, float *choice) {
+    for (int64_t e = 0; e < E; e++) {
+        score[e] = 1.0f / (1.0f + expf(-logits[e]));
+        choice[e] = score[e] + bias[e];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < k; j++) { /* k passes of arg-max: k·E comparisons */
+        int64_t best = 0;
+        for (int64_t e = 1; e < E; e++)
+            if (choice[e] > choice[best]) best = e;
+        idx[j] = best;
+        w[j] = score[best];
+        total += score[best];
+        choice[best] = -INFINITY;
+    }
+    float mul = norm ? scale / (total + 1e-20f) : scale;
+    for (int64_t j = 0; j < k; j++) w[j] *= mul;
+}
+
+/* route_token for T tokens (logits rows `stride` floats apart), then nm3_experts, in one call. idx [T, k] int64 and
+ * w [T, k] receive the choice. Returns nm3_experts' code. */
 int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
                       int64_t *idx, float *w, const float *x, int64_t ldx, int64_t T, int64_t L, const void *up,
                       const void *down, int w_bf16, int64_t E, int64_t F, float *out, int64_t ldo, int nthreads) {
@@ -273,26 +296,71 @@ int nm3_route_experts(const float *logits, int64_t stride, const float *bias, in
         free(score); free(choice);
         return -2;
     }
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t e = 0; e < E; e++) {
-            score[e] = 1.0f / (1.0f + expf(-logits[t * stride + e]));
-            choice[e] = score[e] + bias[e];
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < k; j++) { /* k passes of arg-max: k·E comparisons */
-            int64_t best = 0;
-            for (int64_t e = 1; e < E; e++)
-                if (choice[e] > choice[best]) best = e;
-            idx[t * k + j] = best;
-            w[t * k + j] = score[best];
-            total += score[best];
-            choice[best] = -INFINITY;
-        }
-        float mul = norm ? scale / (total + 1e-20f) : scale;
-        for (int64_t j = 0; j < k; j++) w[t * k + j] *= mul;
-    }
+    for (int64_t t = 0; t < T; t++)
+        route_token(logits + t * stride, bias, E, k, norm, scale, idx + t * k, w + t * k, score, choice);
     free(score); free(choice);
     return nm3_experts(x, ldx, T, L, up, down, w_bf16, E, F, idx, w, k, out, ldo, nthreads);
+}
+
+/* A prefill's MoE dispatch: route_token for T tokens in parallel, then the (token, slot) pairs counting-sorted by
+ * expert and their input rows gathered in that order, so each expert's tokens are one contiguous block of xs for
+ * its GEMMs. logits rows `stride` apart; x [T, L] rows ldx apart; xs [T·k, L]; counts [E] (tokens per expert);
+ * where [T·k] (the sorted position of pair t·k + j); w [T, k] (routing weights). Returns 0, or -2 if scratch
+ * allocation fails. */
+int nm3_moe_dispatch(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
+                     int64_t T, int64_t E, const float *x, int64_t ldx, int64_t L, float *xs, int64_t *counts,
+                     int64_t *where, float *w, int nthreads) {
+    int64_t P = T * k;
+    int64_t *idx = malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t)), *token = malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
+    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
+    int failed = !idx || !token || !start;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
+        if (!score || !choice) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                route_token(logits + t * stride, bias, E, k, norm, scale, idx + t * k, w + t * k, score, choice);
+#pragma omp single
+            {
+                for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
+                for (int64_t e = 0; e < E; e++) {
+                    counts[e] = start[e + 1];
+                    start[e + 1] += start[e];
+                }
+                for (int64_t p = 0; p < P; p++) { /* stable: pairs keep token order within an expert */
+                    where[p] = start[idx[p]]++;
+                    token[where[p]] = p / k;
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < P; q++)
+                for (int64_t c = 0; c < L; c++) xs[q * L + c] = x[token[q] * ldx + c];
+        }
+        free(score); free(choice);
+    }
+    free(idx); free(token); free(start);
+    return failed ? -2 : 0;
+}
+
+/* A prefill's MoE combine: out[t] = Σ_j w[t, j] · ys[where[t·k + j]] for T tokens, the slots in order (rows of out
+ * ldo floats apart, of ys L). */
+void nm3_moe_combine(const float *ys, int64_t L, const int64_t *where, const float *w, int64_t T, int64_t k,
+                     float *out, int64_t ldo, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * ldo;
+        for (int64_t c = 0; c < L; c++) o[c] = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const float *y = ys + where[t * k + j] * L, wj = w[t * k + j];
+            for (int64_t c = 0; c < L; c++) o[c] += wj * y[c];
+        }
+    }
 }
 
 /* One row of the state: S ← decay·S + dx·B, returns S·C (n = N terms, vectorised across n). */

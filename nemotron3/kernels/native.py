@@ -48,6 +48,8 @@ _SIGNATURES = {
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
     "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
     "nm3_run_program": (ctypes.c_int, [_p, _i, _i, _p, _n]),
+    "nm3_moe_dispatch": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _i, _i, _p, _i, _i, _p, _p, _p, _p, _n]),
+    "nm3_moe_combine": (None, [_p, _i, _p, _p, _i, _i, _p, _i, _n]),
     "nm3_mamba_prefill": (
         ctypes.c_int, [_i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _n],
     ),
@@ -236,6 +238,44 @@ def route_experts(
     if rc != 0:
         raise MemoryError("nm3_route_experts: allocation failed")
     return out
+
+
+def moe_dispatch(
+    logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float, x: torch.Tensor
+) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """A prefill's MoE routing (moe.route, n_group = 1) and grouping in one call: (xs [T·k, L], the token count of
+    each expert, where [T·k], routing weights [T, k]), or None where the kernel cannot run. xs holds the inputs of
+    every (token, slot) pair sorted by expert (stably), so expert e's rows are the e-th block of `counts`;
+    where[t·k + j] is the row of pair (t, j). logits [T, E] and x [T, L] may have strided rows."""
+    lib = library()
+    if lib is None or not _usable(logits, bias, x) or logits.stride(-1) != 1 or not bias.is_contiguous():
+        return None
+    x = _rows(x)
+    T, L = x.shape
+    E = logits.shape[1]
+    xs = torch.empty(T * top_k, L, dtype=torch.float32)
+    counts = torch.empty(E, dtype=torch.int64)
+    where = torch.empty(T * top_k, dtype=torch.int64)
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    rc = lib.nm3_moe_dispatch(
+        logits.data_ptr(), logits.stride(0), bias.data_ptr(), top_k, int(norm_topk_prob), scaling, T, E, x.data_ptr(),
+        x.stride(0), L, xs.data_ptr(), counts.data_ptr(), where.data_ptr(), w.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_moe_dispatch: scratch allocation failed")
+    return xs, counts.tolist(), where, w
+
+
+def moe_combine(ys: torch.Tensor, where: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] = Σ_j w[t, j] · ys[where[t·k + j]] (moe_dispatch's order), written into `out` [T, L] (rows may be
+    strided, e.g. columns of a wider buffer). ys [T·k, L] contiguous float32."""
+    T, k = w.shape
+    if not (ys.is_contiguous() and out.stride(-1) == 1 and ys.shape == (T * k, out.shape[1])):
+        raise ValueError(f"moe_combine: ys {tuple(ys.shape)} does not match w {tuple(w.shape)} and out {tuple(out.shape)}")
+    library().nm3_moe_combine(
+        ys.data_ptr(), ys.shape[1], where.data_ptr(), w.data_ptr(), T, k, out.data_ptr(), out.stride(0),
+        torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def _mamba_static(mixer) -> tuple | None:

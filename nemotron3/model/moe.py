@@ -165,8 +165,13 @@ class MoE(nn.Module):
         E, L = self.gate.weight.shape[0], self.fc1_latent_proj.weight.shape[0]
         logits, latent, h = linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
         g = self.gate
+        few = x.shape[0] <= self.experts.native_max_tokens
+        if g.n_group == 1 and not few:  # prefill: routing, grouping and the weighted sum native, GEMMs MKL's
+            out = self._native_prefill(logits, latent, h, w_out)
+            if out is not None:
+                return out
         routed = None
-        if g.n_group == 1 and x.shape[0] <= self.experts.native_max_tokens:  # routing + experts: one native call
+        if g.n_group == 1 and few:  # decode: routing + experts, one native call
             routed = native.route_experts(
                 logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob, g.routed_scaling_factor, latent,
                 self.experts.up_proj, self.experts.down_proj,
@@ -174,6 +179,28 @@ class MoE(nn.Module):
         if routed is None:
             routed = self.experts(latent, *g.choose(logits))
         return linear(torch.cat([relu2_(h), routed], dim=-1), w_out)  # h: columns of a fresh output, ours to reuse
+
+    def _native_prefill(self, logits: torch.Tensor, latent: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor):
+        """The fused forward for many tokens: native.moe_dispatch groups the tokens by expert, each expert runs two
+        GEMMs over its block, and native.moe_combine writes the weighted sums straight into the columns of
+        [relu²(h) | routed] that w_out reads; None where the kernels cannot run."""
+        g, up, down = self.gate, self.experts.up_proj, self.experts.down_proj
+        grouped = native.moe_dispatch(logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob,
+                                      g.routed_scaling_factor, latent)  # fmt: skip
+        if grouped is None:
+            return None
+        xs, counts, where, weights = grouped
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = linear(relu2_(linear(xs[start : start + n], up[e])), down[e])
+                start += n
+        S = h.shape[1]
+        both = torch.empty(h.shape[0], S + latent.shape[1], dtype=torch.float32)
+        relu2_(both[:, :S].copy_(h))
+        native.moe_combine(ys, where, weights, both[:, S:])
+        return linear(both, w_out)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [b, t, H] → [b, t, H]

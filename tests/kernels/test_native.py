@@ -107,6 +107,33 @@ def test_route_experts_matches_float64_router_and_experts(norm, scale):
 
 
 @needs_native
+@pytest.mark.parametrize(("T", "E", "k", "norm"), [(1, 8, 2, True), (300, 16, 4, True), (77, 32, 4, False)])
+def test_moe_dispatch_groups_by_expert_and_combine_weights_like_float64(T, E, k, norm):
+    """Prefill routing: the float64 router's experts and weights, each expert's tokens one block in token order;
+    experts applied per block then combined give the float64 experts' sums."""
+    L, F_ = 24, 40
+    x, up, down, _, _ = expert_inputs(T, E, k, F_, L, seed=T)
+    g = torch.Generator().manual_seed(E)
+    fused = torch.randn(T, E + L + 5, generator=g)  # logits and x: strided rows, as slices of the fused GEMM
+    logits, x = fused[:, :E], fused[:, E : E + L].copy_(x)
+    bias = torch.rand(E, generator=g) * 0.2 - 0.1
+    xs, counts, where, w = native.moe_dispatch(logits, bias, k, norm, 2.5, x)
+    w_ref, i_ref = route_ref(logits, bias, k, 1, 1, norm, 2.5)
+    assert_close_rel(w, w_ref, RTOL, "routing weights")
+    assert sum(counts) == T * k and counts == torch.bincount(i_ref.flatten(), minlength=E).tolist()
+    pairs = sorted(range(T * k), key=lambda p: (int(i_ref.flatten()[p]), p))  # by expert, then token: stable
+    assert where[torch.tensor(pairs)].tolist() == list(range(T * k))
+    assert torch.equal(xs, x[torch.tensor(pairs) // k])
+    ys, start = torch.empty_like(xs), 0
+    for e, n in enumerate(counts):
+        ys[start : start + n] = torch.relu(xs[start : start + n] @ up[e].t()) ** 2 @ down[e].t()
+        start += n
+    out = torch.full((T, L + 3), float("nan"))[:, 3:]  # columns of a wider buffer, fully overwritten
+    native.moe_combine(ys, where, w, out)
+    assert_close_rel(out, experts_ref(x, up, down, i_ref, w_ref), RTOL, "dispatch + experts + combine")
+
+
+@needs_native
 def test_experts_reject_an_out_of_range_index():
     x, up, down, indices, weights = expert_inputs(2, 4, 2, 8, 16, seed=0)
     indices[1, 0] = 4
