@@ -10,7 +10,8 @@ is the native RMSNorm instead of torch's).
 
 Only pure-decode steps of at most `max_rows` sequences run here; prefill chunks, mixed steps and larger
 batches keep the per-op path, as does anything the program cannot lay out (`Unsupported`: a quantized or
-hooked Linear, grouped routing, a MoE without latent projections, weights not in the runner's storage). A
+hooked Linear, grouped routing, biased MoE projections, weights not in the runner's storage). LatentMoE
+(Super, Ultra) and Nano's MoE without latent projections both run in it. A
 parameter that gets new storage or a hook added after the layout is noticed before each step (`current`),
 and the runner lays the program out again. `EngineConfig.enforce_eager` (vLLM's name) turns it off.
 """
@@ -33,7 +34,7 @@ from nemotron3.model.nemotron import NemotronHForCausalLM
 from nemotron3.model.norm import RMSNorm
 
 OP_WIDTH = 32  # int64 slots per op (cpu_program.c)
-EMBED, NORM, LINEAR, RELU2, MAMBA_STEP, KV_WRITE, ATTEND, ROUTE_EXPERTS = range(1, 9)
+EMBED, NORM, LINEAR, RELU2, MAMBA_STEP, KV_WRITE, ATTEND, ROUTE_EXPERTS, ADD = range(1, 10)
 IDS, SLOTS, POSITIONS, TABLES, LENGTHS = range(5)  # rows of the per-step argument array
 
 
@@ -120,7 +121,7 @@ class DecodeProgram:
                 wide = max(wide, m.up_proj.out_features)
             elif block.kind == MAMBA:
                 wide, mid, conv = max(wide, m.in_proj.out_features), max(mid, m.inner), max(conv, m.conv_dim)
-        self.hidden, self.x, self.delta = (self._rows(H) for _ in range(3))
+        self.hidden, self.x, self.delta, self.routed = (self._rows(H) for _ in range(4))
         self.wide, self.mid, self.conv_scratch = self._rows(wide), self._rows(mid), self._rows(conv)
         self.expert_ids = self._keep_tensor(torch.zeros(R, top_k, dtype=torch.int64))
         self.expert_weights = self._rows(top_k)
@@ -257,12 +258,14 @@ class DecodeProgram:
         return ops
 
     def _moe(self, moe: MoE) -> list[list[int]]:
-        """LatentMoE through the runner's fused matrices: [router | latent | shared up] = x·W_inᵀ; routed experts
-        on the latent, relu² of the shared up; [relu²(h) | routed]·W_outᵀ is shared down + latent up."""
+        """MoE through the runner's fused matrices. LatentMoE: [router | latent | shared up] = x·W_inᵀ; routed
+        experts on the latent, relu² of the shared up; [relu²(h) | routed]·W_outᵀ is shared down + latent up.
+        Nano (no latent): [router | shared up] = x·W_inᵀ; routed experts on x; shared down of relu²(h), plus
+        the routed sum."""
         g, experts = moe.gate, moe.experts
         fused = moe._fused
         if type(moe) is not MoE or fused is None or fused._current() != fused._ptrs:
-            raise Unsupported("a MoE layer is not fused (no latent projections, or biases)")
+            raise Unsupported("a MoE layer is not fused (biases)")
         if type(g) is not Router or type(experts) is not Experts or g.n_group != 1:
             raise Unsupported("grouped routing or a replaced router/experts module")
         self._hookable.append(moe)
@@ -274,19 +277,27 @@ class DecodeProgram:
         if w_flag is None or not (up.is_contiguous() and down.is_contiguous() and bias.is_contiguous()):
             raise Unsupported("the routed experts are not contiguous float32/bfloat16")
         w_in, w_out = fused.matrices
-        E, L = g.weight.shape[0], moe.fc1_latent_proj.weight.shape[0]
+        E = g.weight.shape[0]
+        L = moe.fc1_latent_proj.weight.shape[0] if moe.fc1_latent_proj is not None else 0
         S = w_in.shape[0] - E - L
-        n_experts, F_, _ = up.shape
+        n_experts, F_, width = up.shape
         wide, mid = self.wide.data_ptr(), self.mid.data_ptr()
         ld, ldm = self.wide.shape[1], self.mid.shape[1]
-        return [
+        if L:  # routed sums go to mid's columns S … S+L, after relu²(h)
+            x_ptr, ldx, dest, ldd = wide + 4 * E, ld, mid + 4 * S, ldm
+        else:  # routed sums on their own rows, added after shared down
+            x_ptr, ldx, dest, ldd = self.x.data_ptr(), self.x.shape[1], self.routed.data_ptr(), self.routed.shape[1]
+        ops = [
             self._matrix(w_in, None, self.x, self.wide),
             [RELU2, wide + 4 * (E + L), ld, S, mid, ldm],
             [ROUTE_EXPERTS, wide, ld, bias.data_ptr(), g.top_k, int(g.norm_topk_prob), _bits(g.routed_scaling_factor),
-             self.expert_ids.data_ptr(), self.expert_weights.data_ptr(), wide + 4 * E, ld, L, up.data_ptr(),
-             down.data_ptr(), w_flag, n_experts, F_, mid + 4 * S, ldm],  # fmt: skip
+             self.expert_ids.data_ptr(), self.expert_weights.data_ptr(), x_ptr, ldx, width, up.data_ptr(),
+             down.data_ptr(), w_flag, n_experts, F_, dest, ldd],  # fmt: skip
             self._matrix(w_out, None, self.mid, self.delta),
         ]
+        if not L:
+            ops.append([ADD, self.delta.data_ptr(), self.delta.shape[1], dest, ldd, self.delta.shape[1]])
+        return ops
 
     def _mlp(self, mlp: MLP) -> list[list[int]]:
         if type(mlp) is not MLP:

@@ -16,7 +16,7 @@
 
 #define OP_WIDTH 32
 
-enum { OP_EMBED = 1, OP_NORM, OP_LINEAR, OP_RELU2, OP_MAMBA, OP_KV_WRITE, OP_ATTENTION, OP_ROUTE_EXPERTS };
+enum { OP_EMBED = 1, OP_NORM, OP_LINEAR, OP_RELU2, OP_MAMBA, OP_KV_WRITE, OP_ATTENTION, OP_ROUTE_EXPERTS, OP_ADD };
 
 /* cpu_decode.c */
 int nm3_route_experts(const float *logits, int64_t stride, const float *bias, int64_t k, int norm, float scale,
@@ -128,6 +128,13 @@ int nm3_run_program(const int64_t *ops, int64_t n_ops, int64_t n, float *out, in
                                    ptr(a[9]), a[10], n, a[11], ptr(a[12]), ptr(a[13]), (int)a[14], a[15], a[16],
                                    ptr(a[17]), a[18], nthreads);
             break;
+        case OP_ADD: { /* dest, ldd, src, lds, cols: dest += src */
+            float *dest = ptr(a[1]);
+            const float *src = ptr(a[3]);
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t c = 0; c < a[5]; c++) dest[r * a[2] + c] += src[r * a[4] + c];
+            break;
+        }
         default:
             return -3;
         }

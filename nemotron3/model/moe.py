@@ -142,17 +142,24 @@ class MoE(nn.Module):
     def fuse_projections(self) -> bool:
         """Inference layout (model/fused.py): router | fc1_latent | shared up read x, so they become one
         [E + L + S, H] matrix (one GEMV per decode step instead of three); shared down and fc2_latent become
-        one [H, S + L] matrix applied to [relu²(shared) | routed], whose output is their sum. Latent MoE,
-        float32, bias-free only; returns whether it fused."""
+        one [H, S + L] matrix applied to [relu²(shared) | routed], whose output is their sum. Without latent
+        projections (Nano) router | shared up fuse and shared down stays as it is. Float32 or bfloat16 weights,
+        bias-free only; returns whether it fused."""
+        shared = self.shared_experts
         if self.fc1_latent_proj is None:
-            return False
+            owners = [(self.gate, "weight"), (shared.up_proj, "weight"), (shared.down_proj, "weight")]
+            into = [self.gate.weight, shared.up_proj.weight]
+            if not fusable([*into, shared.down_proj.weight], [shared.up_proj.bias, shared.down_proj.bias]):
+                return False
+            self._fused = FusedWeights(owners, stack_outputs(into), shared.down_proj.weight)
+            return True
         owners = [
-            (self.gate, "weight"), (self.fc1_latent_proj, "weight"), (self.shared_experts.up_proj, "weight"),
-            (self.shared_experts.down_proj, "weight"), (self.fc2_latent_proj, "weight"),
+            (self.gate, "weight"), (self.fc1_latent_proj, "weight"), (shared.up_proj, "weight"),
+            (shared.down_proj, "weight"), (self.fc2_latent_proj, "weight"),
         ]  # fmt: skip
         into, out_of = [m.weight for m, _ in owners[:3]], [m.weight for m, _ in owners[3:]]
-        biases = [m.bias for m in (self.fc1_latent_proj, self.fc2_latent_proj, self.shared_experts.up_proj)]
-        if not fusable(into + out_of, biases + [self.shared_experts.down_proj.bias]):
+        biases = [m.bias for m in (self.fc1_latent_proj, self.fc2_latent_proj, shared.up_proj)]
+        if not fusable(into + out_of, biases + [shared.down_proj.bias]):
             return False
         self._fused = FusedWeights(owners, stack_outputs(into), stack_inputs(out_of))
         return True
@@ -162,11 +169,14 @@ class MoE(nn.Module):
         if not self._fused.usable(x):
             return None
         w_in, w_out = self._fused.matrices
-        E, L = self.gate.weight.shape[0], self.fc1_latent_proj.weight.shape[0]
-        logits, latent, h = linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
         g = self.gate
+        E = g.weight.shape[0]
+        L = self.fc1_latent_proj.weight.shape[0] if self.fc1_latent_proj is not None else 0
+        logits, latent, h = linear(x, w_in).split([E, L, w_in.shape[0] - E - L], dim=-1)
+        if not L:
+            latent = x  # Nano: the routed experts read the hidden state itself
         few = x.shape[0] <= self.experts.native_max_tokens
-        if g.n_group == 1 and not few:  # prefill: routing, grouping and the weighted sum native, GEMMs MKL's
+        if g.n_group == 1 and not few and L:  # latent prefill: the weighted sums straight into w_out's input
             out = self._native_prefill(logits, latent, h, w_out)
             if out is not None:
                 return out
@@ -176,17 +186,21 @@ class MoE(nn.Module):
                 logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob, g.routed_scaling_factor, latent,
                 self.experts.up_proj, self.experts.down_proj,
             )  # fmt: skip
+        elif g.n_group == 1:
+            routed = self._native_routed(logits, latent)
         if routed is None:
             routed = self.experts(latent, *g.choose(logits))
-        return linear(torch.cat([relu2_(h), routed], dim=-1), w_out)  # h: columns of a fresh output, ours to reuse
+        if L:
+            return linear(torch.cat([relu2_(h), routed], dim=-1), w_out)  # h: columns of a fresh output, ours
+        return linear(relu2_(h), w_out).add_(routed)
 
-    def _native_prefill(self, logits: torch.Tensor, latent: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor):
-        """The fused forward for many tokens: native.moe_dispatch groups the tokens by expert, each expert runs two
-        GEMMs over its block, and native.moe_combine writes the weighted sums straight into the columns of
-        [relu²(h) | routed] that w_out reads; None where the kernels cannot run."""
+    def _native_routed(self, logits: torch.Tensor, x: torch.Tensor, into: torch.Tensor | None = None):
+        """The routed experts for many tokens: native.moe_dispatch groups the tokens by expert, each expert runs
+        two GEMMs over its block (MKL's), and native.moe_combine writes the weighted sums [T, L] into `into` (a
+        new tensor if None), which it returns; None where the kernels cannot run."""
         g, up, down = self.gate, self.experts.up_proj, self.experts.down_proj
         grouped = native.moe_dispatch(logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob,
-                                      g.routed_scaling_factor, latent)  # fmt: skip
+                                      g.routed_scaling_factor, x)  # fmt: skip
         if grouped is None:
             return None
         xs, counts, where, weights = grouped
@@ -196,10 +210,17 @@ class MoE(nn.Module):
             if n:
                 ys[start : start + n] = linear(relu2_(linear(xs[start : start + n], up[e])), down[e])
                 start += n
+        into = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32) if into is None else into
+        native.moe_combine(ys, where, weights, into)
+        return into
+
+    def _native_prefill(self, logits: torch.Tensor, latent: torch.Tensor, h: torch.Tensor, w_out: torch.Tensor):
+        """Latent MoE for many tokens: [relu²(h) | routed] built in one buffer (no cat), then w_out."""
         S = h.shape[1]
         both = torch.empty(h.shape[0], S + latent.shape[1], dtype=torch.float32)
+        if self._native_routed(logits, latent, both[:, S:]) is None:
+            return None
         relu2_(both[:, :S].copy_(h))
-        native.moe_combine(ys, where, weights, both[:, S:])
         return linear(both, w_out)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

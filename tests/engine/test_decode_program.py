@@ -85,6 +85,8 @@ VARIANTS = {
     "MLP layers, Mamba biases": (
         dataclasses.replace(CONFIG, layers_block_type=pattern_to_kinds("M-*E-M*E"), use_bias=True), {}
     ),
+    "Nano's MoE (no latent)": (dataclasses.replace(CONFIG, moe_latent_size=None), {}),
+    "Nano's MoE, bf16 weights": (dataclasses.replace(CONFIG, moe_latent_size=None), {"weight_dtype": "bfloat16"}),
 }
 
 
@@ -124,10 +126,10 @@ def test_enforce_eager_and_compile_keep_the_per_op_path():
 
 
 def test_what_the_program_cannot_lay_out_runs_per_op():
-    """No latent projections (Nano's MoE) and a hooked lm_head: the per-op path runs, and the hook sees every step."""
-    nano_like = make_model(dataclasses.replace(CONFIG, moe_latent_size=None))
-    got, engine = generate(copy.deepcopy(nano_like))
-    want, _ = generate(copy.deepcopy(nano_like), enforce_eager=True)
+    """Grouped routing (n_group > 1) and a hooked lm_head: the per-op path runs, and the hook sees every step."""
+    grouped = make_model(dataclasses.replace(CONFIG, n_group=2, topk_group=1))
+    got, engine = generate(copy.deepcopy(grouped))
+    want, _ = generate(copy.deepcopy(grouped), enforce_eager=True)
     assert got == want and engine.runner._program is None and not engine.runner.use_program
 
     hooked = make_model()

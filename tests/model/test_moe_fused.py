@@ -6,6 +6,7 @@ latent-up outputs are summed inside one GEMV instead of after two): measured ≤
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nemotron3.model.fused import fast_path
@@ -14,9 +15,9 @@ from tests.model.helpers import small_config
 from tests.model.test_kernels import assert_close_rel
 
 
-def _moe(seed: int = 0) -> MoE:
+def _moe(seed: int = 0, latent: int | None = 16) -> MoE:
     torch.manual_seed(seed)
-    moe = MoE(small_config("E", moe_latent_size=16))
+    moe = MoE(small_config("E", moe_latent_size=latent))
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)
@@ -24,10 +25,12 @@ def _moe(seed: int = 0) -> MoE:
     return moe.eval()
 
 
-def test_fused_forward_matches_and_parameters_are_unchanged():
-    moe = _moe()
+@pytest.mark.parametrize("latent", [16, None])  # LatentMoE; Nano's experts on the hidden state itself
+@pytest.mark.parametrize("tokens", [5, 40])  # decode-sized (one native call) and prefill-sized (dispatch, GEMMs)
+def test_fused_forward_matches_and_parameters_are_unchanged(latent, tokens):
+    moe = _moe(latent=latent)
     before = {k: v.clone() for k, v in moe.state_dict().items()}
-    x = torch.randn(2, 5, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = moe(x)
     assert moe.fuse_projections()
