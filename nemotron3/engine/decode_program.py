@@ -57,7 +57,7 @@ class DecodeProgram:
             raise Unsupported("the native kernels are not available")
         if model.dtype != torch.float32 or model.device.type != "cpu":
             raise Unsupported(f"activations must be float32 on the CPU (model: {model.dtype} on {model.device})")
-        self.model, self.cache, self.max_rows = model, cache, max_rows
+        self.cache, self.max_rows = cache, max_rows
         self.vocab_size = model.config.vocab_size
         self._owners: list[tuple[dict, str, int]] = []  # (module's parameter/buffer dict, name, storage address)
         self._hookable: list[nn.Module] = []  # modules the per-op path calls, so their hooks would run there
@@ -68,15 +68,16 @@ class DecodeProgram:
         ops = self._layout(model)
         self.ops = torch.tensor([op + [0] * (OP_WIDTH - len(op)) for op in ops], dtype=torch.int64)
         self.n_ops = len(ops)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable):
+        if self._hooked():
             raise Unsupported("a module of the step has hooks, which only the per-op path runs")
 
     # ------------------------------------------------------------------ per step
     def current(self) -> bool:
         """Whether every captured parameter still has the storage laid out and no hook was added since."""
-        return all(d[name].data_ptr() == ptr for d, name, ptr in self._owners) and not any(
-            m._forward_hooks or m._forward_pre_hooks for m in self._hookable
-        )
+        return all(d[name].data_ptr() == ptr for d, name, ptr in self._owners) and not self._hooked()
+
+    def _hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)
 
     def run(self, segments: list) -> torch.Tensor:
         """One decode token for each of `segments` (engine/runner.py Segments, decode only, ≤ max_rows, the cache

@@ -210,6 +210,36 @@ static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, c
     }
 }
 
+/* Stable counting sort of the P = T·k (token, slot) pairs by expert idx[p] ∈ [0, E): on return start[e] (E + 1
+ * entries, zeroed by the caller) is where expert e's block of sorted positions begins (start[E] = P), where[p]
+ * is pair p's sorted position and token[q] the token of the pair at position q. */
+static void sort_by_expert(const int64_t *idx, int64_t P, int64_t k, int64_t E, int64_t *start, int64_t *where,
+                           int64_t *token) {
+    for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t p = 0; p < P; p++) { /* pairs keep token order within an expert */
+        where[p] = start[idx[p]]++;
+        token[where[p]] = p / k;
+    }
+    for (int64_t e = E; e > 0; e--) start[e] = start[e - 1]; /* each start[e] ran on to its block's end */
+    start[0] = 0;
+}
+
+/* out[t] = Σ_{j<k} w[t, j] · ys[where[t·k + j]] for T tokens, the slots in order (rows of out ldo floats apart, of
+ * ys L). An orphaned `omp for` over the tokens. */
+static void weighted_rows(const float *ys, int64_t L, const int64_t *where, const float *w, int64_t T, int64_t k,
+                          float *out, int64_t ldo) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * ldo;
+        for (int64_t c = 0; c < L; c++) o[c] = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const float *y = ys + where[t * k + j] * L, wj = w[t * k + j];
+            for (int64_t c = 0; c < L; c++) o[c] += wj * y[c];
+        }
+    }
+}
+
 /* out[t] = Σ_{j<k} w[t,j] · down[e](relu(up[e] · x[t])²), e = idx[t,j].
  * x [T, L] (rows ldx floats apart); up [E, F, L]; down [E, L, F] (row-major, contiguous; float32, or bfloat16
  * when w_bf16); idx [T, k] int64; w [T, k]; out [T, L] (rows ldo floats apart).
@@ -224,42 +254,27 @@ int nm3_experts(const float *x, int64_t ldx, int64_t T, int64_t L, const void *u
     for (int64_t p = 0; p < P; p++)
         if (idx[p] < 0 || idx[p] >= E) return -1;
     size_t np = (size_t)(P > 0 ? P : 1);
-    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t)), *fill = calloc((size_t)E, sizeof(int64_t));
-    int64_t *order = malloc(np * sizeof(int64_t)), *where = malloc(np * sizeof(int64_t));
+    int64_t *start = calloc((size_t)E + 1, sizeof(int64_t)), *where = malloc(np * sizeof(int64_t));
     int64_t *token = malloc(np * sizeof(int64_t)), *active = malloc((size_t)E * sizeof(int64_t));
     float *h = malloc(np * (size_t)F * sizeof(float)), *ys = malloc(np * (size_t)L * sizeof(float));
     int rc = 0;
-    if (!start || !fill || !order || !where || !token || !active || !h || !ys) {
+    if (!start || !where || !token || !active || !h || !ys) {
         rc = -2;
         goto done;
     }
-    /* counting sort of the pairs by expert: order[q] = pair at sorted position q, where[p] = its position */
-    for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    for (int64_t p = 0; p < P; p++) {
-        where[p] = start[idx[p]] + fill[idx[p]]++;
-        order[where[p]] = p;
-    }
+    sort_by_expert(idx, P, k, E, start, where, token);
     int64_t n_active = 0;
     for (int64_t e = 0; e < E; e++)
         if (start[e + 1] > start[e]) active[n_active++] = e;
-
-    for (int64_t q = 0; q < P; q++) token[q] = order[q] / k;
 
 #pragma omp parallel num_threads(nthreads)
     {
         expert_rows(up, w_bf16, F, L, active, n_active, start, x, ldx, token, h, 1); /* h = relu(up · x)² */
         expert_rows(down, w_bf16, L, F, active, n_active, start, h, F, NULL, ys, 0); /* ys = down · h */
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < T * L; r++) {
-            int64_t t = r / L, l = r % L;
-            float acc = 0.0f;
-            for (int64_t j = 0; j < k; j++) acc += w[t * k + j] * ys[where[t * k + j] * L + l];
-            out[t * ldo + l] = acc;
-        }
+        weighted_rows(ys, L, where, w, T, k, out, ldo);
     }
 done:
-    free(start); free(fill); free(order); free(where); free(token); free(active); free(h); free(ys);
+    free(start); free(where); free(token); free(active); free(h); free(ys);
     return rc;
 }
 
@@ -328,15 +343,8 @@ int nm3_moe_dispatch(const float *logits, int64_t stride, const float *bias, int
                 route_token(logits + t * stride, bias, E, k, norm, scale, idx + t * k, w + t * k, score, choice);
 #pragma omp single
             {
-                for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
-                for (int64_t e = 0; e < E; e++) {
-                    counts[e] = start[e + 1];
-                    start[e + 1] += start[e];
-                }
-                for (int64_t p = 0; p < P; p++) { /* stable: pairs keep token order within an expert */
-                    where[p] = start[idx[p]]++;
-                    token[where[p]] = p / k;
-                }
+                sort_by_expert(idx, P, k, E, start, where, token);
+                for (int64_t e = 0; e < E; e++) counts[e] = start[e + 1] - start[e];
             }
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < P; q++)
@@ -348,19 +356,11 @@ int nm3_moe_dispatch(const float *logits, int64_t stride, const float *bias, int
     return failed ? -2 : 0;
 }
 
-/* A prefill's MoE combine: out[t] = Σ_j w[t, j] · ys[where[t·k + j]] for T tokens, the slots in order (rows of out
- * ldo floats apart, of ys L). */
+/* A prefill's MoE combine: weighted_rows (each token's k expert outputs, in slot order) for T tokens. */
 void nm3_moe_combine(const float *ys, int64_t L, const int64_t *where, const float *w, int64_t T, int64_t k,
                      float *out, int64_t ldo, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t t = 0; t < T; t++) {
-        float *o = out + t * ldo;
-        for (int64_t c = 0; c < L; c++) o[c] = 0.0f;
-        for (int64_t j = 0; j < k; j++) {
-            const float *y = ys + where[t * k + j] * L, wj = w[t * k + j];
-            for (int64_t c = 0; c < L; c++) o[c] += wj * y[c];
-        }
-    }
+#pragma omp parallel num_threads(nthreads)
+    weighted_rows(ys, L, where, w, T, k, out, ldo);
 }
 
 /* One row of the state: S ← decay·S + dx·B, returns S·C (n = N terms, vectorised across n). */

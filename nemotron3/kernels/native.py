@@ -351,7 +351,7 @@ def mamba_prefill(
     t = proj.shape[0]
     out = torch.empty(t, mixer.inner, dtype=torch.float32)
     rc = lib.nm3_mamba_prefill(
-        t, proj.data_ptr(), proj.stride(0), conv_state.data_ptr(), ssm_state.data_ptr(), *static[:6], *static[6:],
+        t, proj.data_ptr(), proj.stride(0), conv_state.data_ptr(), ssm_state.data_ptr(), *static,
         mixer.chunk_size, dt_range[0], dt_range[1], mixer.norm.eps, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

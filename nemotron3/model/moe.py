@@ -107,19 +107,25 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()  # one host sync per layer
-        xs = x.index_select(0, token)
+        ys = self.grouped(x.index_select(0, token), counts)
+        in_place = not torch.is_grad_enabled()  # inference: the weights applied in place (same values)
+        w = weights.reshape(-1)[order, None]
+        ys = ys.float().mul_(w) if in_place else ys.float() * w
+        return x.new_zeros(T, x.shape[-1], dtype=torch.float32).index_add_(0, token, ys)
+
+    def grouped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert over its block of xs [Σ counts, L] (rows sorted by expert, counts[e] of them for expert e):
+        down_e(relu(up_e x)²) row by row, two GEMMs per expert with work. relu² runs in place when autograd is off
+        (one buffer instead of two; same values)."""
         ys = torch.empty_like(xs)
-        in_place = not torch.is_grad_enabled()  # inference: activations and weights applied in place (same values)
+        in_place = not torch.is_grad_enabled()
         start = 0
         for e, n in enumerate(counts):
             if n:
                 h = linear(xs[start : start + n], self.up_proj[e])
-                h = relu2_(h) if in_place else relu2(h)
-                ys[start : start + n] = linear(h, self.down_proj[e])
+                ys[start : start + n] = linear(relu2_(h) if in_place else relu2(h), self.down_proj[e])
                 start += n
-        w = weights.reshape(-1)[order, None]
-        ys = ys.float().mul_(w) if in_place else ys.float() * w
-        return x.new_zeros(T, x.shape[-1], dtype=torch.float32).index_add_(0, token, ys)
+        return ys
 
 
 class MoE(nn.Module):
@@ -198,18 +204,13 @@ class MoE(nn.Module):
         """The routed experts for many tokens: native.moe_dispatch groups the tokens by expert, each expert runs
         two GEMMs over its block (MKL's), and native.moe_combine writes the weighted sums [T, L] into `into` (a
         new tensor if None), which it returns; None where the kernels cannot run."""
-        g, up, down = self.gate, self.experts.up_proj, self.experts.down_proj
+        g = self.gate
         grouped = native.moe_dispatch(logits, g.e_score_correction_bias, g.top_k, g.norm_topk_prob,
                                       g.routed_scaling_factor, x)  # fmt: skip
         if grouped is None:
             return None
         xs, counts, where, weights = grouped
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = linear(relu2_(linear(xs[start : start + n], up[e])), down[e])
-                start += n
+        ys = self.experts.grouped(xs, counts)
         into = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32) if into is None else into
         native.moe_combine(ys, where, weights, into)
         return into
