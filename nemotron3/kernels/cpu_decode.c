@@ -446,6 +446,16 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
 
 #define ATT_TILE 64 /* keys per tile of the one-pass softmax: scores of a tile stay in L1 */
 
+/* dst[0..n) = the bfloat16 row src widened to float32: a bf16 tile's keys, read by every query head of the KV
+ * head, are converted once (the per-head conversions made the bf16 path compute-bound: 1.31 ms at 32k). */
+static void widen_row(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, w_load(src, i, 1));
+#endif
+    for (; i < n; i++) dst[i] = w_at(src, i, 1);
+}
+
 #if defined(__AVX512F__)
 /* The 16 horizontal sums of v[0..15] as one vector (lane i = Σ v[i]): a transpose-and-add tree of 45 shuffles
  * and adds instead of 16 separate reductions (~128 ops). */
@@ -469,42 +479,41 @@ static inline __m512 hsum16(const __m512 *v) {
 /* out[0..15] = scale · q·key[r] for 16 keys, one transposed reduction. With `linear` (a constant at the call
  * site, as is d there) the keys sit at consecutive rows, key[r] = keys[0] + r·d (one pool block, or adjacent
  * ones), and every load is that one pointer plus an immediate offset; otherwise each key has its pointer. */
-static inline __attribute__((always_inline)) void scores16(const float *q, const void *const *keys, const int linear,
-                                                           const int bf16, const int64_t d, float scale, float *out) {
+static inline __attribute__((always_inline)) void scores16(const float *q, const float *const *keys, const int linear,
+                                                           const int64_t d, float scale, float *out) {
     __m512 v[16];
     for (int r = 0; r < 16; r++) v[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; c += 16) {
         __m512 qc = _mm512_loadu_ps(q + c);
         for (int r = 0; r < 16; r++)
-            v[r] = _mm512_fmadd_ps(qc, linear ? w_load(keys[0], r * d + c, bf16) : w_load(keys[r], c, bf16), v[r]);
+            v[r] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(linear ? keys[0] + r * d + c : keys[r] + c), v[r]);
     }
     _mm512_storeu_ps(out, _mm512_mul_ps(hsum16(v), _mm512_set1_ps(scale)));
 }
 #endif
 
-/* out[i] = scale · q·key[i] for the n ≤ ATT_TILE rows `keys` (d elements each: float32, or bfloat16 when bf16;
- * inlined per type). Groups of 16 keys one transposed reduction each; groups that sit at consecutive rows (keys
- * 0 and 15 are 15 rows apart: they span one block or two adjacent ones) of the common head sizes address them
- * from one pointer. */
-static inline __attribute__((always_inline)) void scores(const float *q, const void *const *keys, const int bf16,
-                                                         int64_t n, int64_t d, float scale, float *out) {
+/* out[i] = scale · q·key[i] for the n ≤ ATT_TILE float32 rows `keys` (d elements each). Groups of 16 keys one
+ * transposed reduction each; groups that sit at consecutive rows (keys 0 and 15 are 15 rows apart: they span one
+ * block or two adjacent ones, or a widened tile) of the common head sizes address them from one pointer. */
+static inline __attribute__((always_inline)) void scores(const float *q, const float *const *keys, int64_t n,
+                                                         int64_t d, float scale, float *out) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     if (d % 16 == 0)
         for (; i + 16 <= n; i += 16) {
-            int linear = keys[i + 15] == w_offset(keys[i], 15 * d, bf16);
+            int linear = keys[i + 15] == keys[i] + 15 * d;
             if (linear && d == 64)
-                scores16(q, keys + i, 1, bf16, 64, scale, out + i);
+                scores16(q, keys + i, 1, 64, scale, out + i);
             else if (linear && d == 128)
-                scores16(q, keys + i, 1, bf16, 128, scale, out + i);
+                scores16(q, keys + i, 1, 128, scale, out + i);
             else
-                scores16(q, keys + i, 0, bf16, d, scale, out + i);
+                scores16(q, keys + i, 0, d, scale, out + i);
         }
 #endif
     for (; i < n; i++) {
         const float *qs[1] = {q};
         float v;
-        dot_many(keys[i], bf16, qs, 1, d, &v);
+        dot_many(keys[i], 0, qs, 1, d, &v);
         out[i] = v * scale;
     }
 }
@@ -568,7 +577,7 @@ static inline __attribute__((always_inline)) void attend_range(const float *qh, 
                                                                const void *vb, const int bf16, const int64_t *tab,
                                                                int64_t bs, int64_t t0, int64_t t1, float scale,
                                                                float *m, float *l, float *acc) {
-    float sc[g * ATT_TILE];
+    float sc[g * ATT_TILE], kw[bf16 ? ATT_TILE * d : 1]; /* kw: the tile's keys as float32 */
     for (int64_t j = 0; j < g; j++) {
         m[j] = -INFINITY;
         l[j] = 0.0f;
@@ -584,13 +593,15 @@ static inline __attribute__((always_inline)) void attend_range(const float *qh, 
                 blk++;
             }
         }
-        const void *keys[ATT_TILE], *vals[ATT_TILE];
-        for (int64_t i = 0; i < nt; i++) {
-            keys[i] = w_offset(kb, rows[i], bf16);
+        const float *keys[ATT_TILE];
+        const void *vals[ATT_TILE];
+        for (int64_t i = 0; i < nt; i++) { /* bf16 keys widened once here, not once per query head */
+            if (bf16) widen_row((const uint16_t *)kb + rows[i], kw + i * d, d);
+            keys[i] = bf16 ? kw + i * d : (const float *)kb + rows[i];
             vals[i] = w_offset(vb, rows[i], bf16);
         }
         for (int64_t j = 0; j < g; j++) /* the tile's keys stay in L1 across the g heads */
-            scores(qh + j * d, keys, bf16, nt, d, scale, sc + j * ATT_TILE);
+            scores(qh + j * d, keys, nt, d, scale, sc + j * ATT_TILE);
         for (int64_t j = 0; j < g; j++) { /* rescale the running sums to the new max, add this tile's weights */
             float *row = sc + j * ATT_TILE, mt = max_of(row, nt, m[j]);
             float corr = expf(m[j] - mt); /* 0 on the first tile (m = −inf) */
