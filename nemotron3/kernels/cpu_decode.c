@@ -818,18 +818,18 @@ int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16
     return 0;
 }
 
-/* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart). The mb rows
- * share every load of b: 4 rows × 64 columns of sums stay in registers, so FMAs, not loads, set the pace. Inlined
- * per mb. */
+/* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart); with init,
+ * acc[r][c] = the sum (acc is not read). The mb rows share every load of b: 4 rows × 64 columns of sums stay in
+ * registers, so FMAs, not loads, set the pace. Inlined per mb. */
 static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ldacc, const float *a, int64_t lda,
                                                           const float *b, int64_t ldb, const int mb, int64_t k,
-                                                          int64_t p) {
+                                                          int64_t p, const int init) {
     int64_t c = 0;
 #if defined(__AVX512F__)
     for (; c + 64 <= p; c += 64) {
         __m512 s[4][4];
         for (int r = 0; r < mb; r++)
-            for (int v = 0; v < 4; v++) s[r][v] = _mm512_loadu_ps(acc + r * ldacc + c + 16 * v);
+            for (int v = 0; v < 4; v++) s[r][v] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * ldacc + c + 16 * v);
         for (int64_t j = 0; j < k; j++) {
             const float *bj = b + j * ldb + c;
             __m512 b0 = _mm512_loadu_ps(bj), b1 = _mm512_loadu_ps(bj + 16);
@@ -848,7 +848,7 @@ static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ld
     for (; c < p; c += 16) {
         __mmask16 m = p - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (p - c)) - 1u);
         __m512 s[4];
-        for (int r = 0; r < mb; r++) s[r] = _mm512_maskz_loadu_ps(m, acc + r * ldacc + c);
+        for (int r = 0; r < mb; r++) s[r] = init ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, acc + r * ldacc + c);
         for (int64_t j = 0; j < k; j++) {
             __m512 bv = _mm512_maskz_loadu_ps(m, b + j * ldb + c);
             for (int r = 0; r < mb; r++) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + j]), bv, s[r]);
@@ -856,6 +856,9 @@ static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ld
         for (int r = 0; r < mb; r++) _mm512_mask_storeu_ps(acc + r * ldacc + c, m, s[r]);
     }
 #else
+    if (init)
+        for (int r = 0; r < mb; r++)
+            for (int64_t cc = 0; cc < p; cc++) acc[r * ldacc + cc] = 0.0f;
     for (int r = 0; r < mb; r++)
         for (int64_t j = 0; j < k; j++) {
             float w = a[r * lda + j];
@@ -864,21 +867,28 @@ static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ld
 #endif
 }
 
-/* acc [m, p] += a [m, k] · b [k, p] in blocks of 4 rows (mm_rows). Lower-triangular a (tri: a[r][j] = 0 for j > r,
- * zeros stored up to the block's last row) stops each block at its last row's diagonal. */
+enum { MM_FULL, MM_TRI_A, MM_TRI_OUT };
+
+/* acc [m, p] += a [m, k] · b [k, p] (init: acc = a · b) in blocks of 4 rows (mm_rows). MM_TRI_A: a is lower-
+ * triangular (a[r][j] = 0 for j > r, zeros stored up to the block's last row), so each block stops at its last row's
+ * diagonal in k. MM_TRI_OUT: only acc[r][c ≤ r] is wanted, so each block stops there in p (the columns up to the
+ * block's last row are written). */
 static void mm_acc(float *acc, int64_t ldacc, const float *a, int64_t lda, const float *b, int64_t ldb, int64_t m,
-                   int64_t k, int64_t p, int tri) {
+                   int64_t k, int64_t p, int shape, int init) {
     for (int64_t r0 = 0; r0 < m; r0 += 4) {
         int mb = m - r0 < 4 ? (int)(m - r0) : 4;
-        int64_t kk = tri && r0 + mb < k ? r0 + mb : k;
+        int64_t kk = shape == MM_TRI_A && r0 + mb < k ? r0 + mb : k;
+        int64_t pp = shape == MM_TRI_OUT && r0 + mb < p ? r0 + mb : p;
         float *ar = acc + r0 * ldacc;
         const float *a0 = a + r0 * lda;
+#define MM_ROWS(MB) (init ? mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 1) : mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 0))
         switch (mb) {
-        case 1: mm_rows(ar, ldacc, a0, lda, b, ldb, 1, kk, p); break;
-        case 2: mm_rows(ar, ldacc, a0, lda, b, ldb, 2, kk, p); break;
-        case 3: mm_rows(ar, ldacc, a0, lda, b, ldb, 3, kk, p); break;
-        default: mm_rows(ar, ldacc, a0, lda, b, ldb, 4, kk, p); break;
+        case 1: MM_ROWS(1); break;
+        case 2: MM_ROWS(2); break;
+        case 3: MM_ROWS(3); break;
+        default: MM_ROWS(4); break;
         }
+#undef MM_ROWS
     }
 }
 
@@ -894,42 +904,43 @@ static void mul_exp_nonpos(float *w, const float *x, int64_t m) {
 
 /* The chunked SSD scan (prefill) of one sequence, the math of mamba2.py `ssd_chunk_scan` without padding
  * (a short last chunk is the same as one padded with Δ = 0). Per chunk of Q tokens, s = cumsum(Δ·A_h):
- *   y_l = Σ_{j≤l} (C_l·B_j)·e^(s_l − s_j)·Δ_j x_j  +  e^(s_l)·(S_in · C_l)
- *   S_out = e^(s_last)·S_in + Σ_j e^(s_last − s_j)·Δ_j x_j ⊗ B_j
+ *   y_l = e^(s_l)·(S_in · C_l)  +  Σ_{j≤l} (C_l·B_j)·e^(s_l − s_j)·Δ_j x_j
+ *   S_out = e^(s_last)·S_in + Σ_j B_j ⊗ e^(s_last − s_j)·Δ_j x_j
  * x [t, h, p] (token rows ldx floats apart), dt [t, h] (rows lddt apart; softplus'ed and clamped), A [h] (< 0),
  * B, C [t, g, n] (rows ldb / ldc apart; head hd reads group hd / (h/g)); state [h, p, n] is the entering
- * state and receives the final one; y [t, h, p] contiguous. Phase 1 forms C·Bᵀ per (chunk, group) in
- * parallel; phase 2 runs the heads in parallel, each carrying its state (transposed, [n, p]) through the
- * chunks in order. Returns 0, or -2 if scratch allocation fails. */
+ * state and receives the final one; y [t, h, p] contiguous. Phase 1, per (chunk, group) in parallel: Bᵀ [n, Q]
+ * and C·Bᵀ, shared by the group's heads. Phase 2 runs the heads in parallel, each carrying its state
+ * (transposed, [n, p]) through the chunks in order: three blocked GEMMs per chunk (mm_acc). Returns 0, or -2 if
+ * scratch allocation fails. */
 int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t Q, const float *x, int64_t ldx,
                  const float *dt, int64_t lddt, const float *A, const float *B, int64_t ldb, const float *C,
                  int64_t ldc, float *state, float *y, int nthreads) {
-    int64_t nc = (t + Q - 1) / Q, hpg = h / g;
-    float *cb = malloc((size_t)(nc * g * Q * Q > 0 ? nc * g * Q * Q : 1) * sizeof(float));
-    if (!cb) return -2;
+    int64_t nc = (t + Q - 1) / Q, hpg = h / g, blocks = nc * g > 0 ? nc * g : 1;
+    float *cb = malloc((size_t)(blocks * Q * Q) * sizeof(float)); /* [chunk][group]: C·Bᵀ [Q][Q] (j ≤ l) */
+    float *bt = malloc((size_t)(blocks * n * Q) * sizeof(float)); /* [chunk][group]: Bᵀ [n][Q] */
+    if (!cb || !bt) {
+        free(cb);
+        free(bt);
+        return -2;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < nc * g; r++) { /* cb[c][gi][l][j] = C_l · B_j for j ≤ l */
+        for (int64_t r = 0; r < nc * g; r++) {
             int64_t c = r / g, gi = r % g, c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
-            float *out = cb + r * Q * Q;
-            for (int64_t l = 0; l < q; l++) {
-                const float *Cl = C + (c0 + l) * ldc + gi * n;
-                for (int64_t j0 = 0; j0 <= l; j0 += 4) {
-                    int nb = l + 1 - j0 < 4 ? (int)(l + 1 - j0) : 4;
-                    const float *bs[4];
-                    for (int k = 0; k < nb; k++) bs[k] = B + (c0 + j0 + k) * ldb + gi * n;
-                    dot_many(Cl, 0, bs, nb, n, out + l * Q + j0);
-                }
-            }
+            float *btr = bt + r * n * Q;
+            for (int64_t j0 = 0; j0 < q; j0 += 16) /* 16 rows of B at a time stay in L1 while each k is written */
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t j = j0; j < q && j < j0 + 16; j++) btr[k * Q + j] = B[(c0 + j) * ldb + gi * n + k];
+            mm_acc(cb + r * Q * Q, Q, C + c0 * ldc + gi * n, ldc, btr, Q, q, n, q, MM_TRI_OUT, 1);
         }
         int64_t nQ = n > Q ? n : Q;
         float *ST = malloc((size_t)(n * p) * sizeof(float)); /* state, transposed [n][p] */
-        float *X = malloc((size_t)(Q * p) * sizeof(float));  /* Δ_j x_j of the chunk [Q][p] */
-        float *M = malloc((size_t)(Q * nQ) * sizeof(float)); /* the chunk's mixing weights [Q][Q], then C·e^s [Q][n] */
-        float *W = malloc((size_t)(n * Q + 3 * Q) * sizeof(float)); /* B weights [n][Q] | s | e^s | scratch */
+        float *X = malloc((size_t)(2 * Q * p) * sizeof(float)); /* Δ_j x_j [Q][p], then e^(s_last − s_j)·Δ_j x_j */
+        float *M = malloc((size_t)(Q * nQ) * sizeof(float)); /* C·e^s [Q][n], then the mixing weights [Q][Q] */
+        float *W = malloc((size_t)(3 * Q) * sizeof(float)); /* s | e^s | scratch */
         if (!ST || !X || !M || !W) {
 #pragma omp atomic write
             failed = 1;
@@ -939,12 +950,12 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
 #pragma omp for schedule(dynamic, 1)
             for (int64_t hd = 0; hd < h; hd++) {
                 int64_t gi = hd / hpg, ldy = h * p;
-                float a = A[hd], *S = state + hd * p * n, *wB = W, *s = W + n * Q, *es = s + Q, *tmp = es + Q;
+                float a = A[hd], *S = state + hd * p * n, *s = W, *es = s + Q, *tmp = es + Q, *X2 = X + Q * p;
                 for (int64_t k = 0; k < n; k++)
                     for (int64_t c = 0; c < p; c++) ST[k * p + c] = S[c * n + k];
                 for (int64_t c = 0; c * Q < t; c++) {
                     int64_t c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
-                    const float *cbc = cb + (c * g + gi) * Q * Q;
+                    const float *cbc = cb + (c * g + gi) * Q * Q, *btc = bt + (c * g + gi) * n * Q;
                     float *yc = y + (c0 * h + hd) * p; /* the chunk's first output row; rows ldy apart */
                     float acc = 0.0f;
                     for (int64_t l = 0; l < q; l++) {
@@ -954,8 +965,13 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                         es[l] = expf(acc);
                         const float *xl = x + (c0 + l) * ldx + hd * p;
                         for (int64_t cc = 0; cc < p; cc++) X[l * p + cc] = d * xl[cc];
-                        for (int64_t cc = 0; cc < p; cc++) yc[l * ldy + cc] = 0.0f;
                     }
+                    /* the entering state: y_l = e^(s_l)·(C_l · S) (the first write of y's rows) */
+                    for (int64_t l = 0; l < q; l++) {
+                        const float *Cl = C + (c0 + l) * ldc + gi * n;
+                        for (int64_t k = 0; k < n; k++) M[l * n + k] = es[l] * Cl[k];
+                    }
+                    mm_acc(yc, ldy, M, n, ST, p, q, n, p, MM_FULL, 1);
                     /* intra-chunk: y_l += Σ_{j≤l} M[l][j]·X_j, M[l][j] = (C_l·B_j)·e^(s_l − s_j) (zero above the
                      * diagonal to the end of each 4-row block, which mm_acc reads) */
                     for (int64_t l = 0; l < q; l++) {
@@ -967,22 +983,16 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                         mul_exp_nonpos(row, tmp, l + 1);
                         for (int64_t j = l + 1; j < q && j < (l | 3) + 1; j++) row[j] = 0.0f;
                     }
-                    mm_acc(yc, ldy, M, Q, X, p, q, q, p, 1);
-                    /* the entering state: y_l += e^(s_l)·(C_l · S) */
-                    for (int64_t l = 0; l < q; l++) {
-                        const float *Cl = C + (c0 + l) * ldc + gi * n;
-                        for (int64_t k = 0; k < n; k++) M[l * n + k] = es[l] * Cl[k];
-                    }
-                    mm_acc(yc, ldy, M, n, ST, p, q, n, p, 0);
-                    /* S ← e^(s_last)·S + Σ_j e^(s_last − s_j)·B_j ⊗ X_j */
+                    mm_acc(yc, ldy, M, Q, X, p, q, q, p, MM_TRI_A, 0);
+                    /* S ← e^(s_last)·S + Bᵀ · X2, X2_j = e^(s_last − s_j)·X_j */
                     float last = s[q - 1], decay = expf(last);
                     for (int64_t j = 0; j < q; j++) tmp[j] = last - s[j];
                     for (int64_t j = 0; j < q; j++) es[j] = 1.0f;
                     mul_exp_nonpos(es, tmp, q); /* es[j] = e^(s_last − s_j) */
-                    for (int64_t k = 0; k < n; k++)
-                        for (int64_t j = 0; j < q; j++) wB[k * Q + j] = B[(c0 + j) * ldb + gi * n + k] * es[j];
+                    for (int64_t j = 0; j < q; j++)
+                        for (int64_t cc = 0; cc < p; cc++) X2[j * p + cc] = es[j] * X[j * p + cc];
                     for (int64_t i = 0; i < n * p; i++) ST[i] *= decay;
-                    mm_acc(ST, p, wB, Q, X, p, n, q, p, 0);
+                    mm_acc(ST, p, btc, Q, X2, p, n, q, p, MM_FULL, 0);
                 }
                 for (int64_t k = 0; k < n; k++)
                     for (int64_t c = 0; c < p; c++) S[c * n + k] = ST[k * p + c];
@@ -992,6 +1002,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
         FTZ_END
     }
     free(cb);
+    free(bt);
     return failed ? -2 : 0;
 }
 
