@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmarks: `nemotron3 bench` on the tiny preset, and bench_engine.py --smoke.
+"""Smoke tests of the benchmarks: `nemotron3 bench` on the tiny preset, bench_engine.py and bench_kernels.py --smoke.
 
 Timings are not checked (the CI machine is noisy, research/perf.md §6); only that every measurement is
 produced and lands in the output with the documented fields.
@@ -47,18 +47,29 @@ def test_cli_bench_table_and_errors(capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def bench_engine():
-    """benchmarks/bench_engine.py as a module (it puts benchmarks/ on sys.path for its `common`)."""
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (it puts benchmarks/ on sys.path for its `common`); restores sys.path,
+    the modules and the thread count afterwards."""
     threads, path = torch.get_num_threads(), list(sys.path)
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
-    for name in ("bench_engine", "common"):
-        sys.modules.pop(name, None)
+    for mod in (name, "common"):
+        sys.modules.pop(mod, None)
     sys.path[:] = path
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_engine():
+    yield from benchmark_module("bench_engine")
+
+
+@pytest.fixture(scope="module")
+def bench_kernels():
+    yield from benchmark_module("bench_kernels")
 
 
 def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
@@ -103,3 +114,36 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
     assert len(data["targets"]) == 6
     assert all(t["measured"] is not None and t["met"] in (True, False) for t in data["targets"])
     assert "| target | measured | met |" in capsys.readouterr().out
+
+
+def test_bench_kernels_smoke(bench_kernels, tmp_path):
+    from nemotron3.kernels import native
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    assert bench_kernels.main(["--smoke", "--out", str(tmp_path), "--no-plot"]) == 0
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    rows = data["results"]
+    assert data["mode"] == "smoke" and data["reps"] == 1 and data["machine"]["torch"]
+    for name in ("read DRAM, 2 threads", "nm3_linear b1 fp32, cold", "nm3_linear b1 bf16, cold"):
+        assert rows[name]["gb_per_s"] > 0, name
+    for kv in ("fp32", "bf16"):
+        for where in ("hot", "cold"):
+            row = rows[f"nm3_decode_attention 300 keys, {kv} K/V, {where}"]
+            assert row["bytes"] == 2 * 2 * 300 * 64 * (4 if kv == "fp32" else 2) and row["fraction_of_dram_read"] > 0
+    assert rows["nm3_ssd_scan tiny"]["gflop_per_s"] > 0 and rows["sdpa causal tiny"]["fraction_of_mkl_gemm"] > 0
+    assert rows["MKL GEMM tiny"]["flops"] == 2.0 * 64 * 32 * 48
+
+
+def test_scan_flop_count_matches_a_direct_count(bench_kernels):
+    """scan_flops against counting every multiply-add of the chunked products one by one (a short last chunk
+    included); causal attention counts the t(t+1)/2 visible pairs."""
+    t, h, p, g, n, Q = 300, 4, 8, 2, 16, 128
+    macs = 0
+    for c0 in range(0, t, Q):
+        q = min(Q, t - c0)
+        pairs = sum(1 for l in range(q) for j in range(l + 1))
+        macs += g * pairs * n  # C_l · B_j, j <= l
+        macs += h * (q * n * p + pairs * p + n * q * p)
+    assert bench_kernels.scan_flops(t, h, p, g, n, Q) == 2 * macs
+    assert bench_kernels.causal_attention_flops(3, 2, 4) == 2 * 2 * 2 * 6 * 4
