@@ -7,8 +7,8 @@ One process, 2 torch threads, fp32 math. Every case is timed `--reps` times, the
 and the median is reported:
 
     ceilings   read bandwidth: torch.sum over a tensor twice the L3 (DRAM) with 1 and 2 threads, and over a
-               48 MiB one read after WARM_CALLS untimed reads (mostly L3); MKL's fp32 GEMM at the Mamba in_proj shape of a
-               2048-token prefill (the rate every prefill GEMM runs at)
+               48 MiB one read after WARM_CALLS untimed reads (mostly L3); MKL's fp32 GEMM at the Mamba in_proj
+               shape of a 2048-token prefill (the rate every prefill GEMM runs at)
     decode     nm3_linear at batch 1 over an lm_head-sized matrix (nemo300: 1024 × 32000, fp32 and bf16);
                nm3_decode_attention over 32k keys of one nemo50 attention layer (8 query / 2 KV heads × 64), fp32
                and bf16 K/V, with the K/V in cache (hot: after WARM_CALLS calls) and after reading twice the L3
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run(reps)
     rows = summarize(bench, info)
     data = {
-        "benchmark": "bench_kernels", "mode": "smoke" if args.smoke else "full", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "benchmark": "bench_kernels", "mode": "smoke" if args.smoke else "full",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {**common.machine_info(), "l3_bytes": l3_bytes()}, "shapes": asdict(shapes), "reps": reps,
         "total_s": time.perf_counter() - t0, "results": rows,
     }  # fmt: skip
