@@ -818,9 +818,9 @@ int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16
     return 0;
 }
 
-/* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart); with init,
- * acc[r][c] = the sum (acc is not read). The mb rows share every load of b: 4 rows × 64 columns of sums stay in
- * registers, so FMAs, not loads, set the pace. Inlined per mb. */
+/* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart); with
+ * init, acc[r][c] = the sum (acc is not read). The mb rows share every load of b: 4 rows × 64 columns of sums stay
+ * in registers, so FMAs, not loads, set the pace. Inlined per mb. */
 static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ldacc, const float *a, int64_t lda,
                                                           const float *b, int64_t ldb, const int mb, int64_t k,
                                                           int64_t p, const int init) {
@@ -829,7 +829,8 @@ static inline __attribute__((always_inline)) void mm_rows(float *acc, int64_t ld
     for (; c + 64 <= p; c += 64) {
         __m512 s[4][4];
         for (int r = 0; r < mb; r++)
-            for (int v = 0; v < 4; v++) s[r][v] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * ldacc + c + 16 * v);
+            for (int v = 0; v < 4; v++)
+                s[r][v] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * ldacc + c + 16 * v);
         for (int64_t j = 0; j < k; j++) {
             const float *bj = b + j * ldb + c;
             __m512 b0 = _mm512_loadu_ps(bj), b1 = _mm512_loadu_ps(bj + 16);
@@ -881,7 +882,8 @@ static void mm_acc(float *acc, int64_t ldacc, const float *a, int64_t lda, const
         int64_t pp = shape == MM_TRI_OUT && r0 + mb < p ? r0 + mb : p;
         float *ar = acc + r0 * ldacc;
         const float *a0 = a + r0 * lda;
-#define MM_ROWS(MB) (init ? mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 1) : mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 0))
+#define MM_ROWS(MB) \
+    (init ? mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 1) : mm_rows(ar, ldacc, a0, lda, b, ldb, MB, kk, pp, 0))
         switch (mb) {
         case 1: MM_ROWS(1); break;
         case 2: MM_ROWS(2); break;
