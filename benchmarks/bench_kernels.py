@@ -15,7 +15,8 @@ and the median is reported:
                (cold, as inside a decode step, where the weights stream through the L3 between two reads)
     prefill    nm3_ssd_scan of a nemo50 / nemo300 Mamba layer at 2048 tokens (the FLOPs of its GEMMs: C·Bᵀ per
                chunk and group; entering state, intra-chunk mix and state update per chunk and head);
-               torch's `sdpa` causal GQA attention of a nemo50 / nemo300 layer at 2048 tokens
+               causal GQA attention of a nemo50 / nemo300 layer at 2048 tokens, and of the 4th 2048-token chunk of
+               an 8192-token nemo50 prompt: torch's `sdpa` (a boolean mask for the chunk) and nm3_prefill_attention
 
 Writes benchmarks/results/kernels.json and kernels.png (matplotlib, from `pip install -e .[bench]`).
 """
@@ -57,7 +58,7 @@ class Shapes:
     gemv: tuple[int, int]  # (K, N)
     attn_keys: int
     scan: tuple[tuple[str, int, int, int, int, int], ...]  # (name, tokens, heads, head_dim, groups, state)
-    sdpa: tuple[tuple[str, int, int, int], ...]  # (name, tokens, query heads, KV heads); head_dim 64
+    sdpa: tuple[tuple[str, int, int, int, int], ...]  # (name, queries, keys, query heads, KV heads); head_dim 64
 
 
 def l3_bytes() -> int:
@@ -77,13 +78,13 @@ def full_shapes() -> Shapes:
         gemm=(("nemo50 Mamba in_proj", 2048, 512, 2320), ("nemo300 Mamba in_proj", 2048, 1024, 5152)),
         gemv=(1024, 32000), attn_keys=32768,
         scan=(("nemo50", 2048, 16, 64, 2, 64), ("nemo300", 2048, 32, 64, 4, 128)),
-        sdpa=(("nemo50", 2048, 8, 2), ("nemo300", 2048, 16, 4)),
+        sdpa=(("nemo50", 2048, 2048, 8, 2), ("nemo300", 2048, 2048, 16, 4), ("nemo50 chunk 4", 2048, 8192, 8, 2)),
     )  # fmt: skip
 
 
 SMOKE = Shapes(
     dram_mib=8, l3_mib=2, evict_mib=8, gemm=(("tiny", 64, 32, 48),), gemv=(64, 500), attn_keys=300,
-    scan=(("tiny", 200, 4, 16, 2, 16),), sdpa=(("tiny", 64, 4, 2),),
+    scan=(("tiny", 200, 4, 16, 2, 16),), sdpa=(("tiny", 64, 64, 4, 2), ("tiny chunk", 40, 100, 4, 2)),
 )  # fmt: skip
 
 
@@ -145,9 +146,10 @@ def scan_flops(t: int, h: int, p: int, g: int, n: int, Q: int = 128) -> float:
     return 2.0 * macs
 
 
-def causal_attention_flops(t: int, nq: int, d: int) -> float:
-    """Q·Kᵀ and P·V over the t(t+1)/2 causal (query, key) pairs of every query head."""
-    return 2.0 * 2 * nq * (t * (t + 1) // 2) * d
+def causal_attention_flops(t: int, nq: int, d: int, before: int = 0) -> float:
+    """Q·Kᵀ and P·V over the causal (query, key) pairs of every query head: query i of t sees the `before`
+    earlier keys and keys 0 … i of its own chunk, t(t+1)/2 + t·before pairs."""
+    return 2.0 * 2 * nq * (t * (t + 1) // 2 + t * before) * d
 
 
 def add_ceilings(bench: Bench, s: Shapes, info: dict) -> None:
@@ -199,11 +201,16 @@ def add_prefill(bench: Bench, s: Shapes, info: dict) -> None:
         bench.add(f"nm3_ssd_scan {name}", lambda x=x, dt=dt, A=A, B=B, C=C, st=state: native.ssd_scan(
             x, dt, A, B, C, 128, st.clone()))  # fmt: skip
         info[f"nm3_ssd_scan {name}"] = {"flops": scan_flops(t, h, p, g, n), "shape": [t, h, p, g, n]}
-    for name, t, nq, nkv in s.sdpa:
-        q, k, v = torch.randn(1, nq, t, 64), torch.randn(1, nkv, t, 64), torch.randn(1, nkv, t, 64)
-        bench.add(f"sdpa causal {name}", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=True))  # fmt: skip
-        info[f"sdpa causal {name}"] = {"flops": causal_attention_flops(t, nq, 64), "shape": [t, nq, nkv, 64]}
+    for name, tq, tk, nq, nkv in s.sdpa:
+        q = torch.randn(1, tq, nq, 64).transpose(1, 2)  # heads adjacent in a token row, as the qkv projection gives
+        k, v = torch.randn(nkv, tk, 64), torch.randn(nkv, tk, 64)
+        mask = None if tq == tk else torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
+        flops = causal_attention_flops(tq, nq, 64, tk - tq)
+        bench.add(f"sdpa causal {name}", lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(
+            q, k[None], v[None], attn_mask=m, is_causal=m is None, enable_gqa=True))  # fmt: skip
+        bench.add(f"nm3_prefill_attention {name}", lambda q=q, k=k, v=v: native.prefill_attention(q, k, v))
+        for case in ("sdpa causal", "nm3_prefill_attention"):
+            info[f"{case} {name}"] = {"flops": flops, "shape": [tq, tk, nq, nkv, 64]}
 
 
 def summarize(bench: Bench, info: dict) -> dict:

@@ -132,6 +132,7 @@ def test_bench_kernels_smoke(bench_kernels, tmp_path):
             row = rows[f"nm3_decode_attention 300 keys, {kv} K/V, {where}"]
             assert row["bytes"] == 2 * 2 * 300 * 64 * (4 if kv == "fp32" else 2) and row["fraction_of_dram_read"] > 0
     assert rows["nm3_ssd_scan tiny"]["gflop_per_s"] > 0 and rows["sdpa causal tiny"]["fraction_of_mkl_gemm"] > 0
+    assert rows["nm3_prefill_attention tiny chunk"]["flops"] == rows["sdpa causal tiny chunk"]["flops"] > 0
     assert rows["MKL GEMM tiny"]["flops"] == 2.0 * 64 * 32 * 48
 
 
@@ -147,3 +148,4 @@ def test_scan_flop_count_matches_a_direct_count(bench_kernels):
         macs += h * (q * n * p + pairs * p + n * q * p)
     assert bench_kernels.scan_flops(t, h, p, g, n, Q) == 2 * macs
     assert bench_kernels.causal_attention_flops(3, 2, 4) == 2 * 2 * 2 * 6 * 4
+    assert bench_kernels.causal_attention_flops(3, 2, 4, before=5) == 2 * 2 * 2 * (6 + 15) * 4

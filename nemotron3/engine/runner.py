@@ -268,10 +268,12 @@ class ModelRunner:
             if out is not None:
                 outs.append(out.transpose(0, 1)[None])  # [1, nq, n_dec, d]
                 first = n_dec
-        for n in range(first, len(segments)):
+        for n in range(first, len(segments)):  # prompt chunks (and multi-token verify rows) over their keys
             s, a, b = segments[n], offsets[n], offsets[n + 1]
             keys, values = self.cache.kv_view(layer, s.seq, s.seq.num_tokens + (b - a))
-            outs.append(causal_attention(q[:, :, a:b], keys[None].to(q.dtype), values[None].to(q.dtype)))
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out = native.prefill_attention(q[:, :, a:b], keys, values) if b - a > 1 else None
+            outs.append(out if out is not None else causal_attention(q[:, :, a:b], keys[None], values[None]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return attn.output(out)
 

@@ -12,6 +12,7 @@
  *   nm3_linear      y = x·Wᵀ (+ b) for a few rows, over the K-major storage the runner gives every Linear
  *   nm3_ssd_scan    the chunked SSD scan of one sequence's prefill
  *   nm3_mamba_prefill  a Mamba-2 layer's prefill between in_proj and out_proj: conv, SiLU, nm3_ssd_scan, gated norm
+ *   nm3_prefill_attention  causal GQA attention of a prefill chunk over its keys (flash-style, blocked products)
  * The weight-streaming kernels (nm3_linear, nm3_experts, nm3_route_experts) read float32 or bfloat16 weights
  * (`w_bf16`), and nm3_decode_attention a float32 or bfloat16 K/V cache (`kv_bf16`): a bfloat16 is the upper half
  * of a float32, so widening it is a 16-bit shift and every product and sum stays float32. Activations, states
@@ -892,6 +893,88 @@ static void mm_acc(float *acc, int64_t ldacc, const float *a, int64_t lda, const
         }
 #undef MM_ROWS
     }
+}
+
+#define PA_TOKENS 32 /* query tokens per work item of nm3_prefill_attention (× g heads = the block's rows) */
+#define PA_KEYS 64   /* keys per block */
+
+/* Causal GQA attention of a prefill chunk (flash-style: online softmax over key blocks, no T_q × T_k matrix).
+ * Query token i of T_q sits at position off + i (off = T_k − T_q: the keys before the chunk) and sees keys
+ * 0 … off + i. q [T_q, nq, d] (token rows ldq floats apart, heads d apart); k, v [nkv, T_k, d] (heads hs floats
+ * apart, rows d apart); out [T_q, nq, d] (rows ldo apart); scale multiplies q·k. A work item is one KV head's g
+ * query heads × PA_TOKENS tokens, so each key block is read once for all of them; S = Q·Kᵀ and O += P·V are
+ * mm_acc products (Kᵀ of every head formed once up front). Visible scores only enter the softmax (masked
+ * weights are exact zeros). Returns 0, or -2 if scratch allocation fails. */
+int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, const float *k, const float *v,
+                          int64_t hs, int64_t nq, int64_t nkv, int64_t d, float scale, float *out, int64_t ldo,
+                          int nthreads) {
+    int64_t g = nq / nkv, off = Tk - Tq, blocks = (Tq + PA_TOKENS - 1) / PA_TOKENS, R = g * PA_TOKENS;
+    float *kt = malloc((size_t)(nkv * d * Tk > 0 ? nkv * d * Tk : 1) * sizeof(float)); /* [nkv][d][Tk] */
+    if (!kt) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < nkv * d; r++) {
+            const float *kh = k + (r / d) * hs + r % d;
+            float *dst = kt + r * Tk;
+            for (int64_t t = 0; t < Tk; t++) dst[t] = kh[t * d];
+        }
+        float *Q = malloc((size_t)(R * d) * sizeof(float)), *O = malloc((size_t)(R * d) * sizeof(float));
+        float *S = malloc((size_t)(R * PA_KEYS) * sizeof(float)), *M = malloc((size_t)(2 * R) * sizeof(float));
+        if (!Q || !O || !S || !M) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < nkv * blocks; it++) { /* the longest (last) token blocks first */
+                int64_t hk = it % nkv, t0 = (blocks - 1 - it / nkv) * PA_TOKENS;
+                int64_t nt = Tq - t0 < PA_TOKENS ? Tq - t0 : PA_TOKENS, rows = g * nt; /* row j·nt + i */
+                float *l = M + R;
+                for (int64_t j = 0; j < g; j++)
+                    for (int64_t i = 0; i < nt; i++) {
+                        const float *src = q + (t0 + i) * ldq + (hk * g + j) * d;
+                        for (int64_t c = 0; c < d; c++) Q[(j * nt + i) * d + c] = src[c] * scale;
+                    }
+                for (int64_t r = 0; r < rows; r++) {
+                    M[r] = -INFINITY;
+                    l[r] = 0.0f;
+                }
+                for (int64_t x = 0; x < rows * d; x++) O[x] = 0.0f;
+                for (int64_t k0 = 0, kend = off + t0 + nt; k0 < kend; k0 += PA_KEYS) {
+                    int64_t nk = kend - k0 < PA_KEYS ? kend - k0 : PA_KEYS;
+                    mm_acc(S, PA_KEYS, Q, d, kt + hk * d * Tk + k0, Tk, rows, d, nk, MM_FULL, 1);
+                    for (int64_t r = 0; r < rows; r++) {
+                        float *sr = S + r * PA_KEYS;
+                        int64_t vis = off + t0 + r % nt + 1 - k0; /* keys of this block that row r sees */
+                        vis = vis < nk ? (vis > 0 ? vis : 0) : nk;
+                        if (vis > 0) {
+                            float mt = max_of(sr, vis, M[r]), corr = expf(M[r] - mt); /* 0 on the first block */
+                            l[r] = l[r] * corr + exp_sub_sum(sr, vis, mt);
+                            M[r] = mt;
+                            if (corr != 1.0f)
+                                for (int64_t c = 0; c < d; c++) O[r * d + c] *= corr;
+                        }
+                        for (int64_t c = vis; c < nk; c++) sr[c] = 0.0f;
+                    }
+                    mm_acc(O, d, S, PA_KEYS, v + hk * hs + k0 * d, d, rows, nk, d, MM_FULL, 0);
+                }
+                for (int64_t j = 0; j < g; j++)
+                    for (int64_t i = 0; i < nt; i++) {
+                        const float *src = O + (j * nt + i) * d;
+                        float inv = 1.0f / l[j * nt + i], *dst = out + (t0 + i) * ldo + (hk * g + j) * d;
+                        for (int64_t c = 0; c < d; c++) dst[c] = src[c] * inv;
+                    }
+            }
+        }
+        free(Q); free(O); free(S); free(M);
+        FTZ_END
+    }
+    free(kt);
+    return failed ? -2 : 0;
 }
 
 /* w[j] ← w[j]·e^(x[j]) for j < m, all x[j] ≤ 0 (vectorised exp where available). */

@@ -54,6 +54,7 @@ _SIGNATURES = {
         ctypes.c_int, [_i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _n],
     ),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
+    "nm3_prefill_attention": (ctypes.c_int, [_i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _f, _p, _i, _n]),
 }
 # Rows (tokens) up to which `linear` runs natively (one pass over the weights for up to 8 rows); more go to
 # MKL's GEMM. Whole nemo50 / nemo300 decode steps, A/B in one process: batch 8 13.9 -> 11.0 ms and
@@ -392,6 +393,33 @@ def decode_attention(
     if rc != 0:
         raise MemoryError("nm3_decode_attention: scratch allocation failed")
     return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal GQA attention of one sequence's prompt chunk: [1, nq, T_q, d] float32 (a view of a [T_q, nq, d]
+    buffer, as `Attention.output` reads it), or None when the kernel cannot run.
+
+    q: [1, nq, T_q, d], the chunk's queries at positions T_k − T_q … T_k − 1, heads d apart (the rows of the qkv
+    projection, read in place); k, v: [nkv, T_k, d] float32 with unit row stride (the cache's K/V of the whole
+    sequence so far, this chunk's included). Scale 1/√d, softmax in float32, the math of `causal_attention`.
+    """
+    lib = library()
+    if lib is None or q.dim() != 4 or q.shape[0] != 1 or k.dim() != 3 or k.shape != v.shape:
+        return None
+    _, nq, Tq, d = q.shape
+    nkv, Tk, dk = k.shape
+    if not (_usable(q, k, v) and dk == d and nq % nkv == 0 and 0 < Tq <= Tk and d > 0):
+        return None
+    if q.stride(3) != 1 or q.stride(1) != d or k.stride(2) != 1 or k.stride(1) != d or v.stride() != k.stride():
+        return None
+    out = torch.empty(Tq, nq, d, dtype=torch.float32)
+    rc = lib.nm3_prefill_attention(
+        Tq, Tk, q.data_ptr(), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0), nq, nkv, d, d**-0.5,
+        out.data_ptr(), nq * d, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("nm3_prefill_attention: scratch allocation failed")
+    return out.transpose(0, 1)[None]
 
 
 def add_rms_norm(

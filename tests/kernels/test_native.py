@@ -284,6 +284,51 @@ def test_decode_attention_reads_scattered_blocks_like_float64(nq, nkv, d, kv_dty
 
 
 @needs_native
+@pytest.mark.parametrize(
+    ("tq", "tk", "nq", "nkv", "d", "portable"),
+    [
+        (70, 70, 8, 2, 64, False),  # a whole prompt: 3 token blocks (32), 2 key blocks (64), GQA 4
+        (33, 130, 6, 3, 20, False),  # a later chunk over earlier keys; d not a multiple of 16
+        (2, 9, 4, 4, 16, False),  # a 2-token verify row, no GQA
+        (1, 1, 2, 1, 8, False),  # one token seeing only itself
+        (40, 100, 8, 2, 12, True),  # the plain-C build (-mno-avx512f)
+    ],
+)
+def test_prefill_attention_matches_float64(tq, tk, nq, nkv, d, portable):
+    """The chunk's causal GQA attention against the float64 loop (attention_ref), with q read in place from the
+    rows of a fused qkv projection and K/V as strided views of a wider cache plane. Products of ≤ 130 terms, an
+    online softmax and a polynomial exp: measured ≤ 5e-7 relative; we allow RTOL."""
+    before = native.library()
+    if portable:
+        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
+    try:
+        g = torch.Generator().manual_seed(tq * 7 + tk)
+        qkv = torch.randn(1, tq, (nq + 2 * nkv) * d, generator=g) * 1.5
+        q = qkv[..., : nq * d].view(1, tq, nq, d).transpose(1, 2)
+        plane = torch.randn(2, nkv, tk + 11, d, generator=g)  # a pool plane with room past the keys
+        k, v = plane[0, :, 3 : 3 + tk], plane[1, :, 3 : 3 + tk]
+        with torch.inference_mode():
+            out = native.prefill_attention(q, k, v)
+        assert out is not None and out.shape == (1, nq, tq, d)
+        assert_close_rel(out, attention_ref(q, k[None], v[None])[0][None], RTOL, f"tq={tq} tk={tk}")
+    finally:
+        native.use(before)
+
+
+@needs_native
+def test_prefill_attention_declines_what_it_cannot_read():
+    q = torch.randn(1, 8, 4, 16).transpose(1, 2)  # [1, nq, T, d] with each token's heads adjacent, as qkv gives
+    k = v = torch.randn(2, 8, 16)
+    assert native.prefill_attention(q, k, v) is not None  # the control
+    assert native.prefill_attention(q.double(), k.double(), v.double()) is None  # float32 only
+    assert native.prefill_attention(q.contiguous(), k, v) is None  # heads not adjacent within a token
+    assert native.prefill_attention(q, k[:, :4], v[:, :4]) is None  # more queries than keys
+    assert native.prefill_attention(q, k[..., :8], v[..., :8]) is None  # head sizes differ
+    assert native.prefill_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v) is None  # column-major
+    assert native.prefill_attention(torch.randn(1, 8, 3, 16).transpose(1, 2), k, v) is None  # 3 heads over 2
+
+
+@needs_native
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_addresses_runs_of_adjacent_blocks_like_float64(d, kv_dtype):
