@@ -211,6 +211,21 @@ static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, c
     }
 }
 
+/* Inside a parallel region, after each thread allocated its scratch: 1 on every thread if all of them got it,
+ * else 0 on every thread (failed is shared, zero before the region), so the threads take, or skip, the
+ * worksharing loops that follow together. Orphaned: the barrier binds to the caller's region. */
+static int all_allocated(int ok, int *failed) {
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int f;
+#pragma omp atomic read
+    f = *failed;
+    return !f;
+}
+
 /* Stable counting sort of the P = T·k (token, slot) pairs by expert idx[p] ∈ [0, E): on return start[e] (E + 1
  * entries, zeroed by the caller) is where expert e's block of sorted positions begins (start[E] = P), where[p]
  * is pair p's sorted position and token[q] the token of the pair at position q. */
@@ -333,12 +348,7 @@ int nm3_moe_dispatch(const float *logits, int64_t stride, const float *bias, int
 #pragma omp parallel num_threads(nthreads)
     {
         float *score = malloc((size_t)E * sizeof(float)), *choice = malloc((size_t)E * sizeof(float));
-        if (!score || !choice) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (all_allocated(score && choice, &failed)) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++)
                 route_token(logits + t * stride, bias, E, k, norm, scale, idx + t * k, w + t * k, score, choice);
@@ -923,12 +933,7 @@ int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, c
         }
         float *Q = malloc((size_t)(R * d) * sizeof(float)), *O = malloc((size_t)(R * d) * sizeof(float));
         float *S = malloc((size_t)(R * PA_KEYS) * sizeof(float)), *M = malloc((size_t)(2 * R) * sizeof(float));
-        if (!Q || !O || !S || !M) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (all_allocated(Q && O && S && M, &failed)) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < nkv * blocks; it++) { /* the longest (last) token blocks first */
                 int64_t hk = it % nkv, t0 = (blocks - 1 - it / nkv) * PA_TOKENS;
@@ -1026,12 +1031,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
         float *X = malloc((size_t)(2 * Q * p) * sizeof(float)); /* Δ_j x_j [Q][p], then e^(s_last − s_j)·Δ_j x_j */
         float *M = malloc((size_t)(Q * nQ) * sizeof(float)); /* C·e^s [Q][n], then the mixing weights [Q][Q] */
         float *W = malloc((size_t)(3 * Q) * sizeof(float)); /* s | e^s | scratch */
-        if (!ST || !X || !M || !W) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
+        if (all_allocated(ST && X && M && W, &failed)) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t hd = 0; hd < h; hd++) {
                 int64_t gi = hd / hpg, ldy = h * p;
