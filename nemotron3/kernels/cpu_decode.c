@@ -342,7 +342,8 @@ int nm3_moe_dispatch(const float *logits, int64_t stride, const float *bias, int
                      int64_t T, int64_t E, const float *x, int64_t ldx, int64_t L, float *xs, int64_t *counts,
                      int64_t *where, float *w, int nthreads) {
     int64_t P = T * k;
-    int64_t *idx = malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t)), *token = malloc((size_t)(P > 0 ? P : 1) * sizeof(int64_t));
+    size_t np = (size_t)(P > 0 ? P : 1);
+    int64_t *idx = malloc(np * sizeof(int64_t)), *token = malloc(np * sizeof(int64_t));
     int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
     int failed = !idx || !token || !start;
 #pragma omp parallel num_threads(nthreads)
@@ -829,6 +830,14 @@ int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16
     return 0;
 }
 
+/* dst[c·ldd + r] = src[r·lds + c] for r < rows, c < cols: the transpose of a row-major block. Sixteen source rows
+ * at a time, so the lines they span stay in L1 while each output row is written. */
+static void transpose(const float *src, int64_t lds, int64_t rows, int64_t cols, float *dst, int64_t ldd) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = r0; r < rows && r < r0 + 16; r++) dst[c * ldd + r] = src[r * lds + c];
+}
+
 /* acc[r][c] += Σ_j a[r][j]·b[j][c] for mb ≤ 4 rows r, j < k, c < p (rows lda / ldb / ldacc floats apart); with
  * init, acc[r][c] = the sum (acc is not read). The mb rows share every load of b: 4 rows × 64 columns of sums stay
  * in registers, so FMAs, not loads, set the pace. Inlined per mb. */
@@ -925,11 +934,11 @@ int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, c
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
+        int64_t tiles = (Tk + PA_KEYS - 1) / PA_KEYS;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < nkv * d; r++) {
-            const float *kh = k + (r / d) * hs + r % d;
-            float *dst = kt + r * Tk;
-            for (int64_t t = 0; t < Tk; t++) dst[t] = kh[t * d];
+        for (int64_t r = 0; r < nkv * tiles; r++) { /* Kᵀ of head r / tiles, keys of tile r % tiles */
+            int64_t hk = r / tiles, t0 = r % tiles * PA_KEYS, nt = Tk - t0 < PA_KEYS ? Tk - t0 : PA_KEYS;
+            transpose(k + hk * hs + t0 * d, d, nt, d, kt + hk * d * Tk + t0, Tk);
         }
         float *Q = malloc((size_t)(R * d) * sizeof(float)), *O = malloc((size_t)(R * d) * sizeof(float));
         float *S = malloc((size_t)(R * PA_KEYS) * sizeof(float)), *M = malloc((size_t)(2 * R) * sizeof(float));
@@ -1021,9 +1030,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
         for (int64_t r = 0; r < nc * g; r++) {
             int64_t c = r / g, gi = r % g, c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
             float *btr = bt + r * n * Q;
-            for (int64_t j0 = 0; j0 < q; j0 += 16) /* 16 rows of B at a time stay in L1 while each k is written */
-                for (int64_t k = 0; k < n; k++)
-                    for (int64_t j = j0; j < q && j < j0 + 16; j++) btr[k * Q + j] = B[(c0 + j) * ldb + gi * n + k];
+            transpose(B + c0 * ldb + gi * n, ldb, q, n, btr, Q);
             mm_acc(cb + r * Q * Q, Q, C + c0 * ldc + gi * n, ldc, btr, Q, q, n, q, MM_TRI_OUT, 1);
         }
         int64_t nQ = n > Q ? n : Q;
@@ -1036,8 +1043,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
             for (int64_t hd = 0; hd < h; hd++) {
                 int64_t gi = hd / hpg, ldy = h * p;
                 float a = A[hd], *S = state + hd * p * n, *s = W, *es = s + Q, *tmp = es + Q, *X2 = X + Q * p;
-                for (int64_t k = 0; k < n; k++)
-                    for (int64_t c = 0; c < p; c++) ST[k * p + c] = S[c * n + k];
+                transpose(S, n, p, n, ST, p);
                 for (int64_t c = 0; c * Q < t; c++) {
                     int64_t c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
                     const float *cbc = cb + (c * g + gi) * Q * Q, *btc = bt + (c * g + gi) * n * Q;
@@ -1079,8 +1085,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                     for (int64_t i = 0; i < n * p; i++) ST[i] *= decay;
                     mm_acc(ST, p, btc, Q, X2, p, n, q, p, MM_FULL, 0);
                 }
-                for (int64_t k = 0; k < n; k++)
-                    for (int64_t c = 0; c < p; c++) S[c * n + k] = ST[k * p + c];
+                transpose(ST, p, n, p, S, n);
             }
         }
         free(ST); free(X); free(M); free(W);
@@ -1146,10 +1151,8 @@ int nm3_mamba_prefill(int64_t t, const float *proj, int64_t ldp, float *conv_sta
         rc = -2;
         goto done;
     }
-    for (int64_t c = 0; c < C; c++) { /* weights [K][C] and the entering window [K−1][C]: channels contiguous */
-        for (int64_t j = 0; j < K; j++) wt[j * C + c] = conv_w[c * K + j];
-        for (int64_t j = 0; j + 1 < K; j++) pre[j * C + c] = conv_state[c * (K - 1) + j];
-    }
+    transpose(conv_w, K, C, K, wt, C); /* weights [K][C] and the entering window [K−1][C]: channels contiguous */
+    transpose(conv_state, K - 1, C, K - 1, pre, C);
     for (int64_t hd = 0; hd < nh; hd++) A[hd] = -expf(A_log[hd]);
     const float *xbc = proj + I, *dt = proj + I + C;
 #pragma omp parallel num_threads(nthreads)
