@@ -13,6 +13,7 @@ the kernel's own float32 arithmetic (unit roundoff u = 2^-24 ≈ 6e-8).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 
@@ -31,6 +32,19 @@ from tests.model.test_kernels import assert_close_rel, rel_err
 RTOL = 2e-6
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built (no C compiler)")
 f64 = torch.float64
+
+
+@contextlib.contextmanager
+def plain_c_build(enabled: bool = True):
+    """Inside the block the kernels are the plain-C build (-mno-avx512f: a CPU without AVX-512) when enabled; the
+    library in use before comes back after."""
+    before = native.library()
+    try:
+        if enabled:
+            native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
+        yield
+    finally:
+        native.use(before)
 
 
 def test_kernels_build_where_a_compiler_exists():
@@ -212,13 +226,8 @@ def test_mamba_prefill_matches_the_float64_recurrence(t, portable, lo_hi):
     decode step's float64 reference applied token by token from the same states. t = 1 and 2 are shorter than
     the conv window (K − 1 = 3), so the new window mixes old state and new inputs; 45 and 130 are not multiples
     of the chunk (16). `portable`: the plain-C build (-mno-avx512f)."""
-    before = native.library()
-    if portable:
-        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
-    try:
+    with plain_c_build(portable):
         _check_mamba_prefill(t, lo_hi)
-    finally:
-        native.use(before)
 
 
 def _check_mamba_prefill(t, lo_hi):
@@ -298,21 +307,15 @@ def test_prefill_attention_matches_float64(tq, tk, nq, nkv, d, portable):
     """The chunk's causal GQA attention against the float64 loop (attention_ref), with q read in place from the
     rows of a fused qkv projection and K/V as strided views of a wider cache plane. Products of ≤ 130 terms, an
     online softmax and a polynomial exp: measured ≤ 5e-7 relative; we allow RTOL."""
-    before = native.library()
-    if portable:
-        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
-    try:
-        g = torch.Generator().manual_seed(tq * 7 + tk)
-        qkv = torch.randn(1, tq, (nq + 2 * nkv) * d, generator=g) * 1.5
-        q = qkv[..., : nq * d].view(1, tq, nq, d).transpose(1, 2)
-        plane = torch.randn(2, nkv, tk + 11, d, generator=g)  # a pool plane with room past the keys
-        k, v = plane[0, :, 3 : 3 + tk], plane[1, :, 3 : 3 + tk]
-        with torch.inference_mode():
-            out = native.prefill_attention(q, k, v)
-        assert out is not None and out.shape == (1, nq, tq, d)
-        assert_close_rel(out, attention_ref(q, k[None], v[None])[0][None], RTOL, f"tq={tq} tk={tk}")
-    finally:
-        native.use(before)
+    g = torch.Generator().manual_seed(tq * 7 + tk)
+    qkv = torch.randn(1, tq, (nq + 2 * nkv) * d, generator=g) * 1.5
+    q = qkv[..., : nq * d].view(1, tq, nq, d).transpose(1, 2)
+    plane = torch.randn(2, nkv, tk + 11, d, generator=g)  # a pool plane with room past the keys
+    k, v = plane[0, :, 3 : 3 + tk], plane[1, :, 3 : 3 + tk]
+    with plain_c_build(portable), torch.inference_mode():
+        out = native.prefill_attention(q, k, v)
+    assert out is not None and out.shape == (1, nq, tq, d)
+    assert_close_rel(out, attention_ref(q, k[None], v[None])[0][None], RTOL, f"tq={tq} tk={tk}")
 
 
 @needs_native
@@ -525,9 +528,7 @@ def test_experts_and_routing_read_bfloat16_weights_widened_exactly():
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_portable_build_matches_float64():
     """The plain-C code path (a CPU without AVX-512, built here with -mno-avx512f) through the same wrappers."""
-    before = native.library()
-    try:
-        native.use(native.load(native.build(extra_flags=("-mno-avx512f",))))
+    with plain_c_build():
         g = torch.Generator().manual_seed(11)
         x = torch.randn(3, 70, generator=g)
         w = k_major(torch.randn(45, 70, generator=g))
@@ -554,8 +555,6 @@ def test_portable_build_matches_float64():
         )
         ref = attention_ref(q[0][None, :, None], k16[:, rows][None], v16[:, rows][None])[0, :, 0]
         assert_close_rel(out[0], ref, RTOL, "portable bf16 attention")
-    finally:
-        native.use(before)
 
 
 @needs_native
