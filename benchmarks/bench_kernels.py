@@ -94,11 +94,14 @@ class Bench:
     def __init__(self) -> None:
         self.cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {}
         self.times: dict[str, list[float]] = {}
+        self.sizes: dict[str, dict] = {}  # per case: bytes read or flops, and the shape, for the rates
 
-    def add(self, name: str, fn: Callable[[], object], before: Callable[[], object] | None = None) -> None:
-        """fn is timed; before (untimed) runs first each time, e.g. to evict the cache."""
+    def add(self, name: str, fn: Callable[[], object], before: Callable[[], object] | None = None, **size) -> None:
+        """fn is timed; before (untimed) runs first each time, e.g. to evict the cache; size: bytes= or flops=
+        (and shape=) of one call."""
         self.cases[name] = (fn, before)
         self.times[name] = []
+        self.sizes[name] = size
 
     def run(self, reps: int, warmup: int = 1) -> None:
         for r in range(warmup + reps):
@@ -152,29 +155,28 @@ def causal_attention_flops(t: int, nq: int, d: int, before: int = 0) -> float:
     return 2.0 * 2 * nq * (t * (t + 1) // 2 + t * before) * d
 
 
-def add_ceilings(bench: Bench, s: Shapes, info: dict) -> None:
+def add_ceilings(bench: Bench, s: Shapes) -> None:
     dram = torch.ones(s.dram_mib * MIB // 4)
     l3 = torch.ones(s.l3_mib * MIB // 4)
     for threads in (1, 2):
-        bench.add(f"read DRAM, {threads} thread{'s' * (threads > 1)}", with_threads(threads, dram.sum))
-    bench.add("read L3-sized, 2 threads", l3.sum, before=repeat(l3.sum, WARM_CALLS))
-    info["read DRAM, 1 thread"] = info["read DRAM, 2 threads"] = {"bytes": dram.numel() * 4}
-    info["read L3-sized, 2 threads"] = {"bytes": l3.numel() * 4}
+        name = f"read DRAM, {threads} thread{'s' * (threads > 1)}"
+        bench.add(name, with_threads(threads, dram.sum), bytes=dram.numel() * 4)
+    bench.add("read L3-sized, 2 threads", l3.sum, before=repeat(l3.sum, WARM_CALLS), bytes=l3.numel() * 4)
     for name, m, k, n in s.gemm:
         a, w = torch.randn(m, k), torch.randn(k, n)
         out = torch.empty(m, n)
-        bench.add(f"MKL GEMM {name}", lambda a=a, w=w, out=out: torch.mm(a, w, out=out))
-        info[f"MKL GEMM {name}"] = {"flops": 2.0 * m * k * n, "shape": [m, k, n]}
+        bench.add(f"MKL GEMM {name}", lambda a=a, w=w, out=out: torch.mm(a, w, out=out), flops=2.0 * m * k * n,
+                  shape=[m, k, n])  # fmt: skip
 
 
-def add_decode(bench: Bench, s: Shapes, info: dict, evict: Callable[[], object]) -> None:
+def add_decode(bench: Bench, s: Shapes, evict: Callable[[], object]) -> None:
     K, N = s.gemv
     x = torch.randn(1, K)
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(K, N).to(dtype).t()  # the K-major storage the engine gives every Linear
         tag = "fp32" if dtype is torch.float32 else "bf16"
-        bench.add(f"nm3_linear b1 {tag}, cold", lambda w=w: native.linear(x, w), before=evict)
-        info[f"nm3_linear b1 {tag}, cold"] = {"bytes": K * N * w.element_size(), "shape": [K, N]}
+        bench.add(f"nm3_linear b1 {tag}, cold", lambda w=w: native.linear(x, w), before=evict,
+                  bytes=K * N * w.element_size(), shape=[K, N])  # fmt: skip
     nq, nkv, d, bs, L = 8, 2, 64, 16, s.attn_keys
     tokens = -(-L // bs) * bs
     q = torch.randn(1, nq, d)
@@ -189,35 +191,31 @@ def add_decode(bench: Bench, s: Shapes, info: dict, evict: Callable[[], object])
 
         for where, before in (("hot", repeat(attend, WARM_CALLS)), ("cold", evict)):
             name = f"nm3_decode_attention {L} keys, {tag} K/V, {where}"
-            bench.add(name, attend, before=before)
-            info[name] = {"bytes": 2 * nkv * L * d * k.element_size()}
+            bench.add(name, attend, before=before, bytes=2 * nkv * L * d * k.element_size())
 
 
-def add_prefill(bench: Bench, s: Shapes, info: dict) -> None:
+def add_prefill(bench: Bench, s: Shapes) -> None:
     for name, t, h, p, g, n in s.scan:
         x, dt = torch.randn(1, t, h, p), torch.rand(1, t, h) * 0.1
         A, B, C = -torch.rand(h) - 0.5, torch.randn(1, t, g, n), torch.randn(1, t, g, n)
         state = torch.randn(1, h, p, n)
         bench.add(f"nm3_ssd_scan {name}", lambda x=x, dt=dt, A=A, B=B, C=C, st=state: native.ssd_scan(
-            x, dt, A, B, C, 128, st.clone()))  # fmt: skip
-        info[f"nm3_ssd_scan {name}"] = {"flops": scan_flops(t, h, p, g, n), "shape": [t, h, p, g, n]}
+            x, dt, A, B, C, 128, st.clone()), flops=scan_flops(t, h, p, g, n), shape=[t, h, p, g, n])  # fmt: skip
     for name, tq, tk, nq, nkv in s.sdpa:
         q = torch.randn(1, tq, nq, 64).transpose(1, 2)  # heads adjacent in a token row, as the qkv projection gives
         k, v = torch.randn(nkv, tk, 64), torch.randn(nkv, tk, 64)
         mask = None if tq == tk else torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
-        flops = causal_attention_flops(tq, nq, 64, tk - tq)
+        size = {"flops": causal_attention_flops(tq, nq, 64, tk - tq), "shape": [tq, tk, nq, nkv, 64]}
         bench.add(f"sdpa causal {name}", lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(
-            q, k[None], v[None], attn_mask=m, is_causal=m is None, enable_gqa=True))  # fmt: skip
-        bench.add(f"nm3_prefill_attention {name}", lambda q=q, k=k, v=v: native.prefill_attention(q, k, v))
-        for case in ("sdpa causal", "nm3_prefill_attention"):
-            info[f"{case} {name}"] = {"flops": flops, "shape": [tq, tk, nq, nkv, 64]}
+            q, k[None], v[None], attn_mask=m, is_causal=m is None, enable_gqa=True), **size)  # fmt: skip
+        bench.add(f"nm3_prefill_attention {name}", lambda q=q, k=k, v=v: native.prefill_attention(q, k, v), **size)
 
 
-def summarize(bench: Bench, info: dict) -> dict:
+def summarize(bench: Bench) -> dict:
     rows = {}
     for name in bench.cases:
         med = bench.median_s(name)
-        row = {"median_ms": med * 1e3, "ms": [t * 1e3 for t in bench.times[name]], **info.get(name, {})}
+        row = {"median_ms": med * 1e3, "ms": [t * 1e3 for t in bench.times[name]], **bench.sizes[name]}
         if "bytes" in row:
             row["gb_per_s"] = row["bytes"] / med / 1e9
         if "flops" in row:
@@ -274,20 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SMOKE if args.smoke else full_shapes()
     reps = args.reps or (1 if args.smoke else 15)
     evict_buf = torch.ones(shapes.evict_mib * MIB // 4)
-    info: dict[str, dict] = {}
     bench = Bench()
     with torch.inference_mode():
-        add_ceilings(bench, shapes, info)
-        add_decode(bench, shapes, info, evict_buf.sum)
-        add_prefill(bench, shapes, info)
+        add_ceilings(bench, shapes)
+        add_decode(bench, shapes, evict_buf.sum)
+        add_prefill(bench, shapes)
         t0 = time.perf_counter()
         bench.run(reps)
-    rows = summarize(bench, info)
+    rows = summarize(bench)
     data = {
         "benchmark": "bench_kernels", "mode": "smoke" if args.smoke else "full",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {**common.machine_info(), "l3_bytes": l3_bytes()}, "shapes": asdict(shapes), "reps": reps,
-        "total_s": time.perf_counter() - t0, "results": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "reps": reps, "total_s": time.perf_counter() - t0,
+        "machine": {**common.machine_info(), "l3_bytes": l3_bytes()}, "shapes": asdict(shapes), "results": rows,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_plot and (png := plot(rows, args.out / "kernels.png")):
