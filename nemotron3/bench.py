@@ -113,8 +113,11 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int, count_experts
     return TimedRun(outs, steps, wall, experts)
 
 
-def cache_bytes(config: ModelConfig, n_seqs: int, tokens_per_seq: int, block_size: int = 16, elt: int = 4) -> int:
-    """A kv_cache_memory_bytes that holds n_seqs sequences of tokens_per_seq tokens.
+def cache_bytes(
+    config: ModelConfig, n_seqs: int, tokens_per_seq: int, block_size: int = 16, elt: int = 4, kv_elt: int | None = None
+) -> int:
+    """A kv_cache_memory_bytes that holds n_seqs sequences of tokens_per_seq tokens. elt: the activations'
+    bytes per element (conv windows); kv_elt: the K/V pools' (default elt).
 
     The engine allocates (and zeroes) its pools up front, so sizing them to the run keeps the memory
     and peak RSS to what the run needs. Mirrors engine/cache.py's accounting (SSM state in its dtype).
@@ -127,7 +130,7 @@ def cache_bytes(config: ModelConfig, n_seqs: int, tokens_per_seq: int, block_siz
         config.mamba_conv_dim * (config.conv_kernel - 1) * elt
         + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_elt
     )
-    block = n_attn * 2 * config.num_key_value_heads * block_size * config.head_dim * elt
+    block = n_attn * 2 * config.num_key_value_heads * block_size * config.head_dim * (kv_elt or elt)
     blocks = n_seqs * (-(-tokens_per_seq // block_size) + 2)
     return n_seqs * slot + blocks * block + 4096
 
@@ -153,7 +156,9 @@ def make_llm(model, n_seqs: int, tokens_per_seq: int, budget: int, options: dict
     opts = {
         "max_num_seqs": n_seqs,
         "max_num_batched_tokens": budget,
-        "kv_cache_memory_bytes": cache_bytes(model.config, n_seqs, tokens_per_seq, elt=kv_dtype.itemsize),
+        "kv_cache_memory_bytes": cache_bytes(
+            model.config, n_seqs, tokens_per_seq, elt=model.dtype.itemsize, kv_elt=kv_dtype.itemsize
+        ),
         **options,
     }
     return LLM(model, **opts), opts

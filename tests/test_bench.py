@@ -149,3 +149,15 @@ def test_scan_flop_count_matches_a_direct_count(bench_kernels):
     assert bench_kernels.scan_flops(t, h, p, g, n, Q) == 2 * macs
     assert bench_kernels.causal_attention_flops(3, 2, 4) == 2 * 2 * 2 * 6 * 4
     assert bench_kernels.causal_attention_flops(3, 2, 4, before=5) == 2 * 2 * 2 * (6 + 15) * 4
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16"])
+def test_make_llm_pools_hold_the_run(kv_dtype):
+    """make_llm sizes the pools for n_seqs × tokens_per_seq whatever the K/V dtype: a bf16 cache halves only the
+    K/V blocks (the conv windows stay in the activations' dtype), so the engine's max_model_len is not cut short."""
+    from nemotron3.bench import build_model, make_llm
+
+    _, model = build_model("tiny")
+    llm, _ = make_llm(model, 2, 100, 64, {"kv_cache_dtype": kv_dtype})
+    assert llm.engine.max_model_len >= 100
+    assert llm.engine.cache.num_blocks >= 2 * (-(-100 // 16) + 2)  # cache_bytes: blocks of 16, 2 spare per sequence
