@@ -228,6 +228,7 @@ def run_bench(
         "weight_dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
         "kv_cache_dtype": (options or {}).get("kv_cache_dtype", "auto"),
         "enforce_eager": bool((options or {}).get("enforce_eager", False)),
+        "matmul_precision": (options or {}).get("matmul_precision", "highest"),
         "pattern": model.config.hybrid_override_pattern, "params": sum(p.numel() for p in model.parameters()),
         "prefill": prefill, "decode": decode,
     }  # fmt: skip

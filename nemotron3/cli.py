@@ -225,6 +225,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps op by op instead of replaying them as one native call "
                         "(vLLM's flag; the replay is the CPU counterpart of CUDA graphs)")  # fmt: skip
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                   help="prefill GEMMs, as torch.set_float32_matmul_precision: high / medium run them on AMX "
+                        "tiles where the CPU has them (bf16 products; docs/benchmarks.md)")  # fmt: skip
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -270,7 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
         llm = LLM(
             args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
-            enforce_eager=args.enforce_eager,
+            enforce_eager=args.enforce_eager, matmul_precision=args.matmul_precision,
         )
         if args.chat:
             tok = llm.get_tokenizer()
@@ -346,7 +349,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"max_position_embeddings {model.config.max_position_embeddings}"
             )
         progress = None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-        options = {"kv_cache_dtype": args.kv_cache_dtype, "enforce_eager": args.enforce_eager}
+        options = {
+            "kv_cache_dtype": args.kv_cache_dtype, "enforce_eager": args.enforce_eager,
+            "matmul_precision": args.matmul_precision,
+        }  # fmt: skip
         if args.weight_dtype is not None:
             options["weight_dtype"] = args.weight_dtype
         result = run_bench(model, args.batch, args.prompt_len, args.max_tokens, args.reps, args.seed, progress, options)
@@ -363,7 +369,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"[bold]{name}[/bold] — {result['params'] / 1e6:,.1f} M params, {result['dtype']}"
         f"{' (bf16 matrices)' if result['weight_dtype'] != result['dtype'] else ''}"
         f"{', K/V ' + result['kv_cache_dtype'] if result['kv_cache_dtype'] != 'auto' else ''}"
-        f"{', eager' if result['enforce_eager'] else ''}, "
+        f"{', eager' if result['enforce_eager'] else ''}"
+        f"{', matmul ' + result['matmul_precision'] if result['matmul_precision'] != 'highest' else ''}, "
         f"{result['threads']} threads, torch {result['torch']}; prompt {args.prompt_len} tokens, "
         f"{args.max_tokens} new per request",
         highlight=False,
@@ -730,6 +737,7 @@ def _llm_options(args: argparse.Namespace) -> dict:
         opts["weight_dtype"] = args.weight_dtype
     opts["kv_cache_dtype"] = args.kv_cache_dtype
     opts["enforce_eager"] = args.enforce_eager
+    opts["matmul_precision"] = args.matmul_precision
     if args.max_model_len is not None:
         opts["max_model_len"] = args.max_model_len
     if args.speculative_config is not None:

@@ -24,6 +24,7 @@ from nemotron3.model.nemotron import NemotronHForCausalLM
 
 
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's names
 
 
 @dataclass
@@ -46,6 +47,10 @@ class EngineConfig:
     # K/V pool dtype (vLLM's name): "auto" = the model's; "bfloat16" halves the K/V memory and the bytes decode
     # attention reads (K and V are rounded as they are written; attention math stays float32).
     kv_cache_dtype: str = "auto"
+    # torch.set_float32_matmul_precision's names, for the engine's prefill GEMMs (≥ 256 rows) on CPUs with AMX
+    # (kernels/cpu_amx.c): "highest" float32 (the default); "high" three bfloat16 products per float32 product
+    # (~1e-5 relative); "medium" one (bfloat16 inputs, ~3e-3). Decode steps and CPUs without AMX: float32.
+    matmul_precision: str = "highest"
 
 
 @dataclass
@@ -90,7 +95,10 @@ class LLMEngine:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill),
             self.cache,
         )
-        self.runner = ModelRunner(model, self.cache, compile=config.compile, enforce_eager=config.enforce_eager)
+        self.runner = ModelRunner(
+            model, self.cache, compile=config.compile, enforce_eager=config.enforce_eager,
+            matmul_precision=config.matmul_precision,
+        )  # fmt: skip
         eos = mc.eos_token_id if isinstance(mc.eos_token_id, list) else [mc.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
@@ -161,10 +169,14 @@ class LLMEngine:
 
     @staticmethod
     def _check_dtypes(config: EngineConfig, model: NemotronHForCausalLM) -> torch.dtype | None:
-        """Validate kv_cache_dtype and weight_dtype's name; return the dtype to narrow the matrices to, if any
+        """Validate kv_cache_dtype, matmul_precision and weight_dtype's name; return the dtype to narrow the matrices to, if any
         (narrow_weight_storage then refuses a model that is not float32, before changing it)."""
         if config.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {config.kv_cache_dtype!r}")
+        if config.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {list(MATMUL_PRECISIONS)}, got {config.matmul_precision!r}"
+            )
         if config.weight_dtype is None:
             return None
         if config.weight_dtype not in WEIGHT_DTYPES:

@@ -98,10 +98,12 @@ class ModelRunner:
     """Runs NemotronHForCausalLM over packed ragged batches with a HybridCache."""
 
     def __init__(
-        self, model: NemotronHForCausalLM, cache: HybridCache, compile: bool = False, enforce_eager: bool = False
-    ) -> None:
+        self, model: NemotronHForCausalLM, cache: HybridCache, compile: bool = False, enforce_eager: bool = False,
+        matmul_precision: str = "highest",
+    ) -> None:  # fmt: skip
         self.model = model
         self.cache = cache
+        self.matmul_precision = matmul_precision  # model/fused.py: fast_path
         self.kinds = model.config.layers_block_type
         if model.device.type == "cpu":
             keep_freed_memory()  # prefill temporaries stay in the heap for reuse (engine/host_memory.py)
@@ -149,7 +151,7 @@ class ModelRunner:
         _, last = add_norm(hidden[0, rows], None, backbone.norm_f)
         for s, n in zip(segments, lengths):
             s.seq.num_tokens += n
-        with fast_path():
+        with fast_path(self.matmul_precision):
             return apply(self.model.lm_head, last).float()
 
     def decode_program(self, rows: int) -> DecodeProgram | None:
@@ -182,7 +184,7 @@ class ModelRunner:
             write_idx = torch.cat(
                 [self.cache.token_positions(s.seq, s.seq.num_tokens, len(s.tokens)) for s in segments]
             ).to(device)
-        with fast_path():  # fused matrices and native kernels (model/fused.py)
+        with fast_path(self.matmul_precision):  # fused matrices and native kernels (model/fused.py)
             return self._run_blocks(ids, segments, offsets, n_dec, mamba, write_idx)
 
     def _run_blocks(self, ids, segments: list[Segment], offsets: list[int], n_dec: int, mamba, write_idx):

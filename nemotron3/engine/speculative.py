@@ -195,7 +195,7 @@ class SpecRunner(ModelRunner):
                 rows.extend(range(offsets[k], offsets[k + 1]) if s.decode else [offsets[k + 1] - 1])
         for s in segments:
             s.seq.num_tokens += len(s.tokens)
-        with fast_path():
+        with fast_path(self.matmul_precision):
             return apply(self.model.lm_head, hidden[rows]).float(), hidden
 
     def _spec_mamba(self, layer: int, mixer, x: torch.Tensor, segments, offsets, n_dec: int) -> torch.Tensor:
@@ -266,7 +266,7 @@ class SpecRunner(ModelRunner):
             offsets.append(offsets[-1] + len(s.tokens))
         first = self.mtp_layers[0]
         emb = self.model.backbone.embeddings(ids)
-        with fast_path():
+        with fast_path(self.matmul_precision):
             u = apply(first.eh_proj, torch.cat([first.enorm(emb), first.hnorm(h.to(emb.dtype))], dim=-1))[None]
             return self._mtp_layers(u, segs, offsets)
 
@@ -322,6 +322,7 @@ class SpeculativeEngine(LLMEngine):
         self.spec_config = spec
         self.k = spec.num_speculative_tokens
         self.runner = SpecRunner(model, self.cache, spec.rollback)
+        self.runner.matmul_precision = self.config.matmul_precision
         self._state: weakref.WeakKeyDictionary[Sequence, _SpecState] = weakref.WeakKeyDictionary()
         self.stats = SpecDecodeMetrics(drafted_per_position=[0] * self.k, accepted_per_position=[0] * self.k)
         self.draft_hook = None  # tests: callable(seq, drafts) -> drafts, to force accept/reject patterns
@@ -439,7 +440,7 @@ class SpeculativeEngine(LLMEngine):
                 MTPSegment(s.cache, self._state[s].mtp_pos + j - 2, hidden[s][None], [out[s][0][-1]]) for s in batch
             ]
             h = self.runner.mtp(segs)
-            with torch.inference_mode(), fast_path():
+            with torch.inference_mode(), fast_path(self.runner.matmul_precision):
                 lg = apply(self.model.lm_head, h).float()
             tokens, qs = self._draft_probs(batch, lg)
             for i, s in enumerate(batch):
@@ -572,7 +573,7 @@ class SpeculativeEngine(LLMEngine):
         if not ready:
             return
         h = out[last]
-        with torch.inference_mode(), fast_path():
+        with torch.inference_mode(), fast_path(self.runner.matmul_precision):
             lg = apply(self.model.lm_head, h).float()
         tokens, qs = self._draft_probs(ready, lg)
         for i, s in enumerate(ready):

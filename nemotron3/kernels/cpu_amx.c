@@ -1,0 +1,212 @@
+/* Float32 matrix products on Intel AMX tiles (bfloat16 inputs, float32 accumulation), for prefill GEMMs under
+ * torch's reduced float32 matmul precisions (torch.set_float32_matmul_precision):
+ *
+ *   "high"    each float32 is split into a bfloat16 pair, v = hi + lo + O(2^-17·|v|), and
+ *             x·w = x_hi·w_hi + x_lo·w_hi + x_hi·w_lo (the lo·lo term, ~2^-16 relative, is dropped);
+ *   "medium"  x_hi·w_hi alone (bfloat16 inputs).
+ *
+ * `products` (1, 2 or 3) counts the terms taken, in that order; a bfloat16 weight has no lo part, so its
+ * products stop at 2 and "high" is then exact to the split of x. One TDPBF16PS multiplies a 16×32 bf16 tile of x
+ * by a 32×16 tile of w into 16×16 float32 sums: 8192 multiply-adds per instruction against 16 per AVX-512 FMA.
+ *
+ * Layouts (K padded to 32, M and N to 32, with zeros): x's hi and lo parts are packed tile by tile,
+ * [M/16][K/32][16 rows][32], so every tile load reads 1 KiB contiguously; w's parts in the "VNNI" order the
+ * B operand wants, [N/16][K/32][16 k-pairs][16 columns][2], built from the engine's K-major weight storage
+ * (two consecutive weight rows interleaved). The product runs in blocks of 32 rows × 32 columns (four
+ * accumulator tiles, two x tiles, two w tiles: the eight tile registers), MC rows of x at a time so their packed
+ * tiles stay in L2 while each thread streams its columns of w.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_MC 256 /* rows of x per pass over a column chunk: their packed hi+lo tiles, 256·K·4 bytes, stay in L2 */
+#define AMX_NC 512 /* columns of W packed at a time (512·K·4 bytes) */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Linux hands out the tile state only on request, once per process. 1 when AMX can run here. */
+int nm3_amx_init(void) {
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return state;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void configure_tiles(void) { /* eight 16 × 64-byte tiles */
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+static inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* The bf16 pair of 32 floats (a = 0..15, b = 16..31): hi = round-to-nearest-even, lo = the remainder's. */
+static inline void split32(__m512 a, __m512 b, uint16_t *hi, uint16_t *lo) {
+    __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    __m512 ra = _mm512_sub_ps(a, bf16_to_f32(_mm512_castsi512_si256(h)));
+    __m512 rb = _mm512_sub_ps(b, bf16_to_f32(_mm512_extracti64x4_epi64(h, 1)));
+    _mm512_storeu_si512(hi, h);
+    _mm512_storeu_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(rb, ra));
+}
+
+static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
+
+/* x rows [M, K] (float32, rows ldx apart) into tile-packed hi/lo parts; rows ≥ M and columns ≥ K are zeros. */
+static void pack_x(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t Mp, int64_t nk, uint16_t *hi,
+                   uint16_t *lo) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < Mp; m++)
+        for (int64_t kb = 0; kb < nk; kb++) {
+            int64_t k = kb * 32, left = m < M ? K - k : 0;
+            size_t o = (size_t)((m / 16) * nk + kb) * 512 + (size_t)(m % 16) * 32;
+            const float *r = x + m * ldx + k;
+            split32(_mm512_maskz_loadu_ps(first(left), r), _mm512_maskz_loadu_ps(first(left - 16), r + 16), hi + o,
+                    lo + o);
+        }
+}
+
+/* 16 weights of row k, columns n.. (float32, or bfloat16 when bf16; zeros past K and N). */
+static inline __m512 w_row16(const void *w, int bf16, int64_t k, int64_t K, int64_t ldw, int64_t n, int64_t N) {
+    if (k >= K) return _mm512_setzero_ps();
+    __mmask16 m = first(N - n);
+    if (bf16) return bf16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + k * ldw + n));
+    return _mm512_maskz_loadu_ps(m, (const float *)w + k * ldw + n);
+}
+
+/* The K-major weight (element (k, n) at w[k·ldw + n]) into VNNI-packed hi/lo parts: rows k and k+1 interleaved. */
+static void pack_w(const void *w, int bf16, int64_t K, int64_t N, int64_t ldw, int64_t Np, int64_t nk, uint16_t *hi,
+                   uint16_t *lo) {
+    const __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i odd = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#pragma omp for schedule(static)
+    for (int64_t kp = 0; kp < nk * 16; kp++)
+        for (int64_t n = 0; n < Np; n += 16) {
+            __m512 r0 = w_row16(w, bf16, 2 * kp, K, ldw, n, N), r1 = w_row16(w, bf16, 2 * kp + 1, K, ldw, n, N);
+            size_t o = (size_t)((n / 16) * nk + kp / 16) * 512 + (size_t)(kp % 16) * 32;
+            split32(_mm512_permutex2var_ps(r0, even, r1), _mm512_permutex2var_ps(r0, odd, r1), hi + o, lo + o);
+        }
+}
+
+/* The 32 × 32 block at (m, n0) over all of K: products of the hi/lo tiles accumulated in tiles 0-3. */
+static inline void block32(const uint16_t *xh, const uint16_t *xl, const uint16_t *wh, const uint16_t *wl, int64_t nk,
+                           int products) {
+    const int64_t t = nk * 512; /* elements between vertically (x) or horizontally (w) adjacent tiles */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < nk; kb++) {
+        int64_t o = kb * 512;
+        _tile_loadd(4, xh + o, 64);
+        _tile_loadd(5, xh + t + o, 64);
+        _tile_loadd(6, wh + o, 64);
+        _tile_loadd(7, wh + t + o, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (products >= 3) { /* x_hi · w_lo, while x_hi is loaded */
+            _tile_loadd(6, wl + o, 64);
+            _tile_loadd(7, wl + t + o, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+            _tile_loadd(6, wh + o, 64);
+            _tile_loadd(7, wh + t + o, 64);
+        }
+        if (products >= 2) { /* x_lo · w_hi */
+            _tile_loadd(4, xl + o, 64);
+            _tile_loadd(5, xl + t + o, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+}
+
+/* y[m, n] (rows ldy apart) = the block's sums (+ bias[n]), clipped to M × N. */
+static void store32(float *y, int64_t ldy, int64_t m, int64_t n0, int64_t M, int64_t N, const float *bias) {
+    float c[4][256];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int h = 0; h < 2; h++) { /* column halves: tiles h (rows 0-15) and 2 + h (rows 16-31) */
+        int64_t n = n0 + 16 * h;
+        __mmask16 mask = first(N - n);
+        __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+        for (int r = 0; r < 32 && m + r < M; r++)
+            _mm512_mask_storeu_ps(y + (m + r) * ldy + n, mask,
+                                  _mm512_add_ps(_mm512_loadu_ps(c[(r / 16) * 2 + h] + (r % 16) * 16), b));
+    }
+}
+
+/* y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · W + bias, W the K-major weight (element (k, n) at
+ * w[k·ldw + n], float32, or bfloat16 when w_bf16), in `products` bf16 terms (see the top). x is packed once;
+ * W AMX_NC columns at a time, so the scratch stays small enough for malloc to reuse (fresh pages each call cost
+ * more than the packing). Returns 0, -1 when AMX cannot run here, -2 when scratch cannot be allocated. */
+int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int64_t N,
+                    int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
+    if (!nm3_amx_init()) return -1;
+    if (w_bf16 && products > 2) products = 2; /* a bf16 weight's lo part is zero */
+    int64_t nk = (K + 31) / 32, Mp = (M + 31) / 32 * 32;
+    size_t xs = (size_t)Mp * nk * 32, ws = (size_t)AMX_NC * nk * 32;
+    uint16_t *s = malloc((2 * xs + 2 * ws) * sizeof(uint16_t));
+    if (!s) return -2;
+    uint16_t *xh = s, *xl = s + xs, *wh = s + 2 * xs, *wl = s + 2 * xs + ws;
+#pragma omp parallel num_threads(nthreads)
+    {
+        pack_x(x, M, ldx, K, Mp, nk, xh, xl);
+        configure_tiles();
+        for (int64_t nc = 0; nc < N; nc += AMX_NC) {
+            int64_t cols = N - nc < AMX_NC ? N - nc : AMX_NC, blocks = (cols + 31) / 32;
+            const void *wc = w_bf16 ? (const void *)((const uint16_t *)w + nc) : (const void *)((const float *)w + nc);
+#pragma omp barrier /* every thread is done with the previous chunk's packed columns */
+            pack_w(wc, w_bf16, K, cols, ldw, blocks * 32, nk, wh, wl);
+            for (int64_t mc = 0; mc < Mp; mc += AMX_MC) {
+                int64_t me = mc + AMX_MC < Mp ? mc + AMX_MC : Mp;
+#pragma omp for schedule(static) nowait
+                for (int64_t nb = 0; nb < blocks; nb++) {
+                    const uint16_t *bh = wh + nb * 2 * nk * 512, *bl = wl + nb * 2 * nk * 512;
+                    for (int64_t m = mc; m < me; m += 32) {
+                        block32(xh + (m / 16) * nk * 512, xl + (m / 16) * nk * 512, bh, bl, nk, products);
+                        store32(y + nc, ldy, m, nb * 32, M, cols, bias ? bias + nc : NULL);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(s);
+    return 0;
+}
+
+#else /* no AMX in this build: callers use torch's matmul */
+int nm3_amx_init(void) { return 0; }
+
+int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int64_t N,
+                    int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
+    (void)x, (void)M, (void)ldx, (void)K, (void)w, (void)w_bf16, (void)N, (void)ldw, (void)bias, (void)y, (void)ldy;
+    (void)products, (void)nthreads;
+    return -1;
+}
+#endif
