@@ -169,8 +169,8 @@ class LLMEngine:
 
     @staticmethod
     def _check_dtypes(config: EngineConfig, model: NemotronHForCausalLM) -> torch.dtype | None:
-        """Validate kv_cache_dtype, matmul_precision and weight_dtype's name; return the dtype to narrow the matrices to, if any
-        (narrow_weight_storage then refuses a model that is not float32, before changing it)."""
+        """Validate kv_cache_dtype, matmul_precision and weight_dtype's name; return the dtype to narrow the
+        matrices to, if any (narrow_weight_storage then refuses a model that is not float32, before changing it)."""
         if config.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {config.kv_cache_dtype!r}")
         if config.matmul_precision not in MATMUL_PRECISIONS:

@@ -55,7 +55,9 @@ static void configure_tiles(void) { /* eight 16 × 64-byte tiles */
     _tile_loadconfig(&c);
 }
 
-static inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 bf16_to_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 /* The bf16 pair of 32 floats (a = 0..15, b = 16..31): hi = round-to-nearest-even, lo = the remainder's. */
 static inline void split32(__m512 a, __m512 b, uint16_t *hi, uint16_t *lo) {
