@@ -24,7 +24,8 @@ targets) and engine.png (needs matplotlib: `pip install -e .[bench]`). Method (r
   the reference; transformers batch 8 (one padded-free batch of equal prompts) is measured too.
 * (c) prefill tok/s at 512 and 2048 tokens, batch 1. Ours: a request with max_tokens=1 through
   `LLM.generate`, token budget = prompt length (one step), end to end. transformers: one forward with
-  `use_cache=True, logits_to_keep=1`.
+  `use_cache=True, logits_to_keep=1`. On CPUs with AMX, ours also runs under matmul_precision "high"
+  and "medium" (prefill GEMMs as bf16 tile products, not float32: beside the targets, not for them).
 * (d) decode ms/token vs context 512 / 2k / 8k / 32k, batch 1, for the hybrid nemo50 and its
   attention-only twin `*E*E*E*E` (each Mamba layer replaced by attention: same width, depth and MoE).
   Ours prefills with chunked prefill (2048-token budget per step). transformers is skipped where a
@@ -52,6 +53,7 @@ import common as C
 import torch
 
 from nemotron3.bench import greedy, make_llm, timed_generate
+from nemotron3.kernels import native
 
 DEC_PROMPT = 512
 DEC_NEW = 33  # generated tokens: 32 step intervals, the first 2 dropped
@@ -65,8 +67,9 @@ PAIR_BLOCK, PAIR_BLOCKS = 4, 12  # (d) one-process pair: blocks of 4 decode step
 
 def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, spec: dict | None = None):
     """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm), with the
-    engine options a spec names: weight_dtype "bfloat16" (weight-only bf16), enforce_eager (no decode program)."""
-    options = {k: spec[k] for k in ("weight_dtype", "enforce_eager") if (spec or {}).get(k)}
+    engine options a spec names: weight_dtype "bfloat16" (weight-only bf16), enforce_eager (no decode program),
+    matmul_precision (prefill GEMMs on AMX tiles)."""
+    options = {k: spec[k] for k in ("weight_dtype", "enforce_eager", "matmul_precision") if (spec or {}).get(k)}
     return make_llm(C.load_ours(name, Path(weights)), n_seqs, tokens_per_seq, budget, options)
 
 
@@ -378,6 +381,7 @@ def plan(mode: str) -> dict:
         "bf16_weights": True,  # (a) also ours with weight-only bf16 (not a target: the targets are fp32)
         "eager_arm": True,  # (a) also ours with enforce_eager (every step per op): what the decode program gains
         "kv_bf16_pair": True,  # (d) also the one-process pair over a bf16 K/V pool
+        "amx_precisions": ["high", "medium"],  # (c) also ours under these matmul precisions, where AMX exists
         "worker_timeout": 560,
         "budget_min": 25,
         "quiet_wait_s": 20,  # wait up to this long for other processes to go idle before each worker
@@ -604,13 +608,16 @@ def run_all(r: Runner, P: dict, log) -> dict:
 
     # (c) prefill, batch 1
     log("(c) prefill")
-    pre = {m: {L: {"ours": [], "hf": []} for L in P["prefill"]} for m in (M["hybrid"], M["big"])}
+    precisions = P["amx_precisions"] if native.amx_available() else []
+    pre = {m: {L: {"ours": [], "hf": [], **{p: [] for p in precisions}} for L in P["prefill"]} for m in conc}
     for rep in range(P["reps"]):
         for m in pre:
             for L in P["prefill"]:
                 o, h = ab(r, rep, scenario="prefill", model=m, prompt=L)
                 pre[m][L]["ours"].append(o)
                 pre[m][L]["hf"].append(h)
+                for p in precisions:
+                    pre[m][L][p].append(r.run(engine="ours", scenario="prefill", model=m, prompt=L, matmul_precision=p))
     for m, cells in pre.items():
         res["prefill"][m] = {}
         for L, d in cells.items():
@@ -619,6 +626,12 @@ def run_all(r: Runner, P: dict, log) -> dict:
                 "ours": ours, "hf": hf, "speedup_vs_hf": _ratio(ours["median"], hf["median"]),
                 "paired_speedups": [_ratio(o.get("tok_s"), h.get("tok_s")) for o, h in zip(d["ours"], d["hf"])],
             }  # fmt: skip
+            for p in precisions:
+                cell = _cell(d[p])
+                res["prefill"][m][str(L)][f"ours_matmul_{p}"] = {
+                    **cell, "speedup_vs_hf": _ratio(cell["median"], hf["median"]),
+                    "speedup_vs_ours_highest": _ratio(cell["median"], ours["median"]),
+                }  # fmt: skip
 
     # (d) decode ms/token vs context: hybrid and attention-only, ours and transformers
     log("(d) context scaling")
@@ -766,6 +779,12 @@ def summary_lines(data: dict) -> list[str]:
                 f"| {m} prefill @{L} tok/s | {_f(cell['ours']['median'], 0)} | {_f(cell['hf']['median'], 0)} "
                 f"| {_f(cell['speedup_vs_hf'], 2)}x |"
             )
+            for key, arm in cell.items():
+                if key.startswith("ours_matmul_"):
+                    lines.append(
+                        f"| {m} prefill @{L} tok/s, matmul_precision {key[12:]} | {_f(arm['median'], 0)} "
+                        f"| | {_f(arm['speedup_vs_hf'], 2)}x ({_f(arm['speedup_vs_ours_highest'], 2)}x ours fp32) |"
+                    )
     for m, rows in res["context"].items():
         for L, row in rows.items():
             hf, ours = row["hf"]["median_ms"], row["ours"]["median_ms"]

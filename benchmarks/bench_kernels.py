@@ -17,6 +17,9 @@ and the median is reported:
                chunk and group; entering state, intra-chunk mix and state update per chunk and head);
                causal GQA attention of a nemo50 / nemo300 layer at 2048 tokens, and of the 4th 2048-token chunk of
                an 8192-token nemo50 prompt: torch's `sdpa` (a boolean mask for the chunk) and nm3_prefill_attention
+    AMX        (CPUs with AMX) at the GEMM shapes: torch's bfloat16 `mm` (oneDNN on AMX tiles: the bf16 ceiling) and
+               nm3_matmul_bf16 under matmul_precision "high" (three bf16 products) and "medium" (one), packing
+               included, over the engine's K-major weight; FLOPs counted as one float32 GEMM's
 
 Writes benchmarks/results/kernels.json and kernels.png (matplotlib, from `pip install -e .[bench]`).
 """
@@ -83,7 +86,7 @@ def full_shapes() -> Shapes:
 
 
 SMOKE = Shapes(
-    dram_mib=8, l3_mib=2, evict_mib=8, gemm=(("tiny", 64, 32, 48),), gemv=(64, 500), attn_keys=300,
+    dram_mib=8, l3_mib=2, evict_mib=8, gemm=(("tiny", 256, 32, 48),), gemv=(64, 500), attn_keys=300,
     scan=(("tiny", 200, 4, 16, 2, 16),), sdpa=(("tiny", 64, 64, 4, 2), ("tiny chunk", 40, 100, 4, 2)),
 )  # fmt: skip
 
@@ -167,6 +170,20 @@ def add_ceilings(bench: Bench, s: Shapes) -> None:
         out = torch.empty(m, n)
         bench.add(f"MKL GEMM {name}", lambda a=a, w=w, out=out: torch.mm(a, w, out=out), flops=2.0 * m * k * n,
                   shape=[m, k, n])  # fmt: skip
+
+
+def add_amx(bench: Bench, s: Shapes) -> None:
+    """The AMX rows (none where the CPU, compiler or kernel has no AMX)."""
+    if not native.amx_available():
+        return
+    for name, m, k, n in s.gemm:
+        a, w = torch.randn(m, k), torch.randn(n, k).t().contiguous().t()  # the engine's K-major storage
+        a16, w16 = a.bfloat16(), torch.randn(k, n).bfloat16()
+        size = {"flops": 2.0 * m * k * n, "shape": [m, k, n]}
+        bench.add(f"torch bf16 mm {name}", lambda a=a16, w=w16: torch.mm(a, w), **size)
+        for precision in ("high", "medium"):
+            bench.add(f"nm3_matmul_bf16 {precision} {name}",
+                      lambda a=a, w=w, p=precision: native.matmul_bf16(a, w, None, p), **size)  # fmt: skip
 
 
 def add_decode(bench: Bench, s: Shapes, evict: Callable[[], object]) -> None:
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         add_ceilings(bench, shapes)
         add_decode(bench, shapes, evict_buf.sum)
         add_prefill(bench, shapes)
+        add_amx(bench, shapes)
         t0 = time.perf_counter()
         bench.run(reps)
     rows = summarize(bench)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nemotron3.cli import main
+from nemotron3.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,8 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         assert res["concurrency"][m]["hf_batch8"]["median"] > 0
         for L in ("32", "64"):
             assert res["prefill"][m][L]["speedup_vs_hf"] > 0
+            arms = {k for k in res["prefill"][m][L] if k.startswith("ours_matmul_")}
+            assert arms == ({"ours_matmul_high", "ours_matmul_medium"} if native.amx_available() else set())
         prof = res["profile"][m]
         assert prof["top_ops"] and prof["aten_calls_per_step"] > 0
         assert prof["components_ms_per_step"]["engine_step"] > 0
@@ -133,7 +136,9 @@ def test_bench_kernels_smoke(bench_kernels, tmp_path):
             assert row["bytes"] == 2 * 2 * 300 * 64 * (4 if kv == "fp32" else 2) and row["fraction_of_dram_read"] > 0
     assert rows["nm3_ssd_scan tiny"]["gflop_per_s"] > 0 and rows["sdpa causal tiny"]["fraction_of_mkl_gemm"] > 0
     assert rows["nm3_prefill_attention tiny chunk"]["flops"] == rows["sdpa causal tiny chunk"]["flops"] > 0
-    assert rows["MKL GEMM tiny"]["flops"] == 2.0 * 64 * 32 * 48
+    assert rows["MKL GEMM tiny"]["flops"] == 2.0 * 256 * 32 * 48
+    if native.amx_available():
+        assert rows["nm3_matmul_bf16 high tiny"]["fraction_of_mkl_gemm"] > 0
 
 
 def test_scan_flop_count_matches_a_direct_count(bench_kernels):
