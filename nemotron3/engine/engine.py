@@ -47,7 +47,7 @@ class EngineConfig:
     # K/V pool dtype (vLLM's name): "auto" = the model's; "bfloat16" halves the K/V memory and the bytes decode
     # attention reads (K and V are rounded as they are written; attention math stays float32).
     kv_cache_dtype: str = "auto"
-    # torch.set_float32_matmul_precision's names, for the engine's prefill GEMMs (≥ 256 rows) on CPUs with AMX
+    # torch.set_float32_matmul_precision's names, for the engine's prefill GEMMs (≥ 128 rows) on CPUs with AMX
     # (kernels/cpu_amx.c): "highest" float32 (the default); "high" three bfloat16 products per float32 product
     # (~1e-5 relative); "medium" one (bfloat16 inputs, ~3e-3). Decode steps and CPUs without AMX: float32.
     matmul_precision: str = "highest"

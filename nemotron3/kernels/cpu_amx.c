@@ -1,8 +1,9 @@
 /* Float32 matrix products on Intel AMX tiles (bfloat16 inputs, float32 accumulation), for prefill GEMMs under
  * torch's reduced float32 matmul precisions (torch.set_float32_matmul_precision):
  *
- *   "high"    each float32 is split into a bfloat16 pair, v = hi + lo + O(2^-17·|v|), and
- *             x·w = x_hi·w_hi + x_lo·w_hi + x_hi·w_lo (the lo·lo term, ~2^-16 relative, is dropped);
+ *   "high"    each float32 is split into a bfloat16 pair (round to nearest even), v = hi + lo + e with
+ *             |e| ≤ 2^-16·|v|, and x·w = x_hi·w_hi + x_lo·w_hi + x_hi·w_lo: the dropped terms (lo·lo and
+ *             the splits' remainders) are at most 3·2^-16 of |x|·|w|;
  *   "medium"  x_hi·w_hi alone (bfloat16 inputs).
  *
  * `products` (1, 2 or 3) counts the terms taken, in that order; a bfloat16 weight has no lo part, so its
@@ -13,8 +14,8 @@
  * [M/16][K/32][16 rows][32], so every tile load reads 1 KiB contiguously; w's parts in the "VNNI" order the
  * B operand wants, [N/16][K/32][16 k-pairs][16 columns][2], built from the engine's K-major weight storage
  * (two consecutive weight rows interleaved). The product runs in blocks of 32 rows × 32 columns (four
- * accumulator tiles, two x tiles, two w tiles: the eight tile registers), MC rows of x at a time so their packed
- * tiles stay in L2 while each thread streams its columns of w.
+ * accumulator tiles, two x tiles, two w tiles: the eight tile registers), up to AMX_MC rows of x at a time so
+ * their packed tiles stay in L2 while each thread streams its columns of w.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -23,10 +24,11 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_MC 256 /* rows of x per pass over a column chunk: their packed hi+lo tiles, 256·K·4 bytes, stay in L2 */
+#define AMX_MC 256 /* at most this many rows of x per pass over a column chunk (fewer when K is large, below) */
 #define AMX_NC 512 /* columns of W packed at a time (512·K·4 bytes) */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -59,13 +61,40 @@ static inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* The bf16 pair of 32 floats (a = 0..15, b = 16..31): hi = round-to-nearest-even, lo = the remainder's. */
-static inline void split32(__m512 a, __m512 b, uint16_t *hi, uint16_t *lo) {
+/* The bf16 pair of 32 floats (a = 0..15, b = 16..31): hi = round-to-nearest-even, lo = the remainder's. As
+ * 16-bit lanes in element order, which read as 32-bit lanes are the pairs (2p, 2p + 1). */
+static inline void split32(__m512 a, __m512 b, __m512i *hi, __m512i *lo) {
     __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
     __m512 ra = _mm512_sub_ps(a, bf16_to_f32(_mm512_castsi512_si256(h)));
     __m512 rb = _mm512_sub_ps(b, bf16_to_f32(_mm512_extracti64x4_epi64(h, 1)));
+    *hi = h;
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(rb, ra);
+}
+
+static inline void split32_store(__m512 a, __m512 b, uint16_t *hi, uint16_t *lo) {
+    __m512i h, l;
+    split32(a, b, &h, &l);
     _mm512_storeu_si512(hi, h);
-    _mm512_storeu_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(rb, ra));
+    _mm512_storeu_si512(lo, l);
+}
+
+/* r[i][j] ← r[j][i] for 16 rows of 16 32-bit lanes: four rounds that swap b × b blocks (b = 1, 2, 4, 8), each
+ * row pair (r, r + b) with r & b = 0 exchanging the lanes c with c & b set. */
+static void transpose16(__m512i *r) {
+    for (int b = 1; b < 16; b *= 2) {
+        int lo_idx[16], hi_idx[16];
+        for (int c = 0; c < 16; c++) {
+            lo_idx[c] = (c & b) ? 16 + c - b : c;
+            hi_idx[c] = (c & b) ? 16 + c : c + b;
+        }
+        __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+        for (int i = 0; i < 16; i++)
+            if (!(i & b)) {
+                __m512i x = r[i], y = r[i + b];
+                r[i] = _mm512_permutex2var_epi32(x, lo, y);
+                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
+            }
+    }
 }
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
@@ -79,8 +108,8 @@ static void pack_x(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t Mp
             int64_t k = kb * 32, left = m < M ? K - k : 0;
             size_t o = (size_t)((m / 16) * nk + kb) * 512 + (size_t)(m % 16) * 32;
             const float *r = x + m * ldx + k;
-            split32(_mm512_maskz_loadu_ps(first(left), r), _mm512_maskz_loadu_ps(first(left - 16), r + 16), hi + o,
-                    lo + o);
+            split32_store(_mm512_maskz_loadu_ps(first(left), r), _mm512_maskz_loadu_ps(first(left - 16), r + 16),
+                          hi + o, lo + o);
         }
 }
 
@@ -102,11 +131,46 @@ static void pack_w(const void *w, int bf16, int64_t K, int64_t N, int64_t ldw, i
         for (int64_t n = 0; n < Np; n += 16) {
             __m512 r0 = w_row16(w, bf16, 2 * kp, K, ldw, n, N), r1 = w_row16(w, bf16, 2 * kp + 1, K, ldw, n, N);
             size_t o = (size_t)((n / 16) * nk + kp / 16) * 512 + (size_t)(kp % 16) * 32;
-            split32(_mm512_permutex2var_ps(r0, even, r1), _mm512_permutex2var_ps(r0, odd, r1), hi + o, lo + o);
+            split32_store(_mm512_permutex2var_ps(r0, even, r1), _mm512_permutex2var_ps(r0, odd, r1), hi + o, lo + o);
         }
 }
 
-/* The 32 × 32 block at (m, n0) over all of K: products of the hi/lo tiles accumulated in tiles 0-3. */
+/* 16 weights of row n, k.. (float32, or bfloat16 when bf16; zeros past K). */
+static inline __m512 w_col16(const void *w, int bf16, int64_t n, int64_t ldw, int64_t k, int64_t K) {
+    __mmask16 m = first(K - k);
+    if (bf16) return bf16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + n * ldw + k));
+    return _mm512_maskz_loadu_ps(m, (const float *)w + n * ldw + k);
+}
+
+/* A row-major weight (element (k, n) at w[n·ldw + k], as nn.Linear and the stacked experts store it) into the
+ * same VNNI-packed parts: per 16 rows × 32 k, the split rows read as 16 × 16 pairs, transposed. */
+static void pack_w_rows(const void *w, int bf16, int64_t K, int64_t N, int64_t ldw, int64_t Np, int64_t nk,
+                        uint16_t *hi, uint16_t *lo) {
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < (Np / 16) * nk; blk++) {
+        int64_t nb = blk / nk, kb = blk % nk;
+        __m512i h[16], l[16];
+        for (int j = 0; j < 16; j++) {
+            int64_t n = nb * 16 + j, k = kb * 32;
+            if (n < N)
+                split32(w_col16(w, bf16, n, ldw, k, K), w_col16(w, bf16, n, ldw, k + 16, K), &h[j], &l[j]);
+            else
+                h[j] = l[j] = _mm512_setzero_si512();
+        }
+        transpose16(h);
+        transpose16(l);
+        for (int p = 0; p < 16; p++) {
+            _mm512_storeu_si512(hi + blk * 512 + p * 32, h[p]);
+            _mm512_storeu_si512(lo + blk * 512 + p * 32, l[p]);
+        }
+    }
+}
+
+/* The 32 × 32 block at (m, n0) over all of K: products of the hi/lo tiles accumulated in tiles 0-3. Tile
+ * registers are not renamed, so a load into a tile waits for every product still reading it: each load is
+ * issued right after the last product that reads the tile's previous contents (the next k-step's tiles load
+ * while this step's last products run; the final step reloads its own, harmlessly). Against loading all four
+ * tiles at the top of each step: 1.1-1.3x (bench_kernels.py). */
 static inline void block32(const uint16_t *xh, const uint16_t *xl, const uint16_t *wh, const uint16_t *wl, int64_t nk,
                            int products) {
     const int64_t t = nk * 512; /* elements between vertically (x) or horizontally (w) adjacent tiles */
@@ -114,34 +178,44 @@ static inline void block32(const uint16_t *xh, const uint16_t *xl, const uint16_
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    _tile_loadd(4, xh, 64);
+    _tile_loadd(6, wh, 64);
+    _tile_loadd(5, xh + t, 64);
+    _tile_loadd(7, wh + t, 64);
     for (int64_t kb = 0; kb < nk; kb++) {
-        int64_t o = kb * 512;
-        _tile_loadd(4, xh + o, 64);
-        _tile_loadd(5, xh + t + o, 64);
-        _tile_loadd(6, wh + o, 64);
-        _tile_loadd(7, wh + t + o, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        if (products >= 3) { /* x_hi · w_lo, while x_hi is loaded */
+        const int64_t o = kb * 512, n = (kb + 1 < nk ? kb + 1 : kb) * 512;
+        if (products == 3) { /* x_hi·w_hi, then x_hi·w_lo */
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
             _tile_loadd(6, wl + o, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
             _tile_loadd(7, wl + t + o, 64);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-            _tile_loadd(6, wh + o, 64);
-            _tile_loadd(7, wh + t + o, 64);
-        }
-        if (products >= 2) { /* x_lo · w_hi */
             _tile_loadd(4, xl + o, 64);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(6, wh + o, 64);
+            _tile_dpbf16ps(3, 5, 7);
             _tile_loadd(5, xl + t + o, 64);
+            _tile_loadd(7, wh + t + o, 64);
+        } else if (products == 2) { /* x_hi·w_hi */
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(4, xl + o, 64);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
+            _tile_loadd(5, xl + t + o, 64);
         }
+        /* the step's last products (x_lo·w_hi, or x_hi·w_hi alone), then the next step's tiles */
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(4, xh + n, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_loadd(6, wh + n, 64);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(5, xh + t + n, 64);
+        _tile_loadd(7, wh + t + n, 64);
     }
 }
 
@@ -162,30 +236,55 @@ static void store32(float *y, int64_t ldy, int64_t m, int64_t n0, int64_t M, int
     }
 }
 
-/* y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · W + bias, W the K-major weight (element (k, n) at
- * w[k·ldw + n], float32, or bfloat16 when w_bf16), in `products` bf16 terms (see the top). x is packed once;
- * W AMX_NC columns at a time, so the scratch stays small enough for malloc to reuse (fresh pages each call cost
- * more than the packing). Returns 0, -1 when AMX cannot run here, -2 when scratch cannot be allocated. */
-int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int64_t N,
-                    int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
+/* This thread's scratch for the packed tiles, kept between calls and grown as needed, in 2 MiB pages: fresh
+ * pages each call cost more than the packing, and with 4 KiB pages the tile streams miss the TLB (2 MiB pages:
+ * 1.3x on the nemo300 in_proj product). Holds x's tiles and one column chunk of w's: 20 MB for nemo300's
+ * largest prefill GEMM (2048 rows, K = 2048). NULL if it cannot be allocated. */
+static uint16_t *scratch(size_t bytes) {
+    static _Thread_local uint16_t *kept;
+    static _Thread_local size_t size;
+    const size_t page = (size_t)1 << 21;
+    bytes = (bytes + page - 1) & ~(page - 1);
+    if (bytes > size) {
+        free(kept);
+        kept = aligned_alloc(page, bytes);
+        size = kept ? bytes : 0;
+        if (kept) madvise(kept, bytes, MADV_HUGEPAGE);
+    }
+    return kept;
+}
+
+/* y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · W + bias, W float32 (or bfloat16 when w_bf16), K-major
+ * (element (k, n) at w[k·ldw + n]) or row-major when w_rows (at w[n·ldw + k]), in `products` bf16 terms (top). x is packed once,
+ * W AMX_NC columns at a time. Returns 0, -1 when AMX cannot run here, -2 when scratch cannot be allocated. */
+int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int w_rows,
+                    int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
     if (!nm3_amx_init()) return -1;
     if (w_bf16 && products > 2) products = 2; /* a bf16 weight's lo part is zero */
     int64_t nk = (K + 31) / 32, Mp = (M + 31) / 32 * 32;
     size_t xs = (size_t)Mp * nk * 32, ws = (size_t)AMX_NC * nk * 32;
-    uint16_t *s = malloc((2 * xs + 2 * ws) * sizeof(uint16_t));
+    uint16_t *s = scratch((2 * xs + 2 * ws) * sizeof(uint16_t));
     if (!s) return -2;
     uint16_t *xh = s, *xl = s + xs, *wh = s + 2 * xs, *wl = s + 2 * xs + ws;
 #pragma omp parallel num_threads(nthreads)
     {
         pack_x(x, M, ldx, K, Mp, nk, xh, xl);
         configure_tiles();
+        /* rows per pass: their packed hi+lo tiles (rows·K·4 bytes) take at most 1 MiB of the 2 MiB L2 */
+        int64_t mrows = ((int64_t)1 << 20) / (nk * 32 * 4) / 32 * 32;
+        mrows = mrows < 32 ? 32 : mrows > AMX_MC ? AMX_MC : mrows;
         for (int64_t nc = 0; nc < N; nc += AMX_NC) {
             int64_t cols = N - nc < AMX_NC ? N - nc : AMX_NC, blocks = (cols + 31) / 32;
-            const void *wc = w_bf16 ? (const void *)((const uint16_t *)w + nc) : (const void *)((const float *)w + nc);
+            int64_t first_col = w_rows ? nc * ldw : nc; /* the chunk's first element */
+            const void *wc = w_bf16 ? (const void *)((const uint16_t *)w + first_col)
+                                    : (const void *)((const float *)w + first_col);
 #pragma omp barrier /* every thread is done with the previous chunk's packed columns */
-            pack_w(wc, w_bf16, K, cols, ldw, blocks * 32, nk, wh, wl);
-            for (int64_t mc = 0; mc < Mp; mc += AMX_MC) {
-                int64_t me = mc + AMX_MC < Mp ? mc + AMX_MC : Mp;
+            if (w_rows)
+                pack_w_rows(wc, w_bf16, K, cols, ldw, blocks * 32, nk, wh, wl);
+            else
+                pack_w(wc, w_bf16, K, cols, ldw, blocks * 32, nk, wh, wl);
+            for (int64_t mc = 0; mc < Mp; mc += mrows) {
+                int64_t me = mc + mrows < Mp ? mc + mrows : Mp;
 #pragma omp for schedule(static) nowait
                 for (int64_t nb = 0; nb < blocks; nb++) {
                     const uint16_t *bh = wh + nb * 2 * nk * 512, *bl = wl + nb * 2 * nk * 512;
@@ -198,16 +297,16 @@ int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const voi
         }
         _tile_release();
     }
-    free(s);
     return 0;
 }
 
 #else /* no AMX in this build: callers use torch's matmul */
 int nm3_amx_init(void) { return 0; }
 
-int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int64_t N,
-                    int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
-    (void)x, (void)M, (void)ldx, (void)K, (void)w, (void)w_bf16, (void)N, (void)ldw, (void)bias, (void)y, (void)ldy;
+int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int w_rows,
+                    int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
+    (void)x, (void)M, (void)ldx, (void)K, (void)w, (void)w_bf16, (void)w_rows, (void)N, (void)ldw, (void)bias, (void)y;
+    (void)ldy;
     (void)products, (void)nthreads;
     return -1;
 }

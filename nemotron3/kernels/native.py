@@ -56,7 +56,7 @@ _SIGNATURES = {
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
     "nm3_prefill_attention": (ctypes.c_int, [_i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _f, _p, _i, _n]),
     "nm3_amx_init": (ctypes.c_int, []),
-    "nm3_matmul_bf16": (ctypes.c_int, [_p, _i, _i, _i, _p, _n, _i, _i, _p, _p, _i, _n, _n]),
+    "nm3_matmul_bf16": (ctypes.c_int, [_p, _i, _i, _i, _p, _n, _n, _i, _i, _p, _p, _i, _n, _n]),
 }
 # Rows (tokens) up to which `linear` runs natively (one pass over the weights for up to 8 rows); more go to
 # MKL's GEMM. Whole nemo50 / nemo300 decode steps, A/B in one process: batch 8 13.9 -> 11.0 ms and
@@ -492,7 +492,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 MATMUL_PRODUCTS = {"high": 3, "medium": 1}
 # Rows from which `matmul_bf16` runs: its packing reads and writes the whole weight once per call, which a GEMM
 # of fewer rows does not repay (benchmarks/bench_kernels.py measures both sides of the threshold).
-AMX_MIN_ROWS = 256
+AMX_MIN_ROWS = 128
 
 
 def amx_available() -> bool:
@@ -506,14 +506,21 @@ def matmul_bf16(
 ) -> torch.Tensor | None:
     """F.linear(x, weight, bias) on AMX tiles under a reduced float32 matmul precision ("high": three bf16
     products, ~1e-5 relative; "medium": one) for at least AMX_MIN_ROWS rows, or None when it does not apply.
-    weight: a K-major view as for `linear` (float32 or bfloat16); x [..., K] float32 with unit stride in K."""
+    weight [N, K] float32 or bfloat16, K-major (the engine's Linear storage) or row-major (nn.Linear's, the
+    stacked experts'); x [..., K] float32 with unit stride in K."""
     products = MATMUL_PRODUCTS.get(precision)
     lib = _lib if _tried else library()
     w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
     if products is None or lib is None or w_bf16 is None or x.dtype is not torch.float32 or weight.dim() != 2:
         return None
     N, K = weight.shape
-    if x.dim() < 1 or x.shape[-1] != K or x.stride(-1) != 1 or not K or weight.stride(0) != 1 or weight.stride(1) < N:
+    if weight.stride(0) == 1 and weight.stride(1) >= N:
+        w_rows, ldw = 0, weight.stride(1)
+    elif weight.stride(1) == 1 and weight.stride(0) >= K:
+        w_rows, ldw = 1, weight.stride(0)
+    else:
+        return None
+    if x.dim() < 1 or x.shape[-1] != K or x.stride(-1) != 1 or not K:
         return None
     rows = x.numel() // K
     if rows < AMX_MIN_ROWS or not (x.is_cpu and weight.is_cpu) or lib.nm3_amx_init() != 1:
@@ -526,7 +533,7 @@ def matmul_bf16(
     x2 = x if x.dim() == 2 else x.reshape(rows, K)
     out = torch.empty(*shape[:-1], N, dtype=torch.float32)
     rc = lib.nm3_matmul_bf16(
-        x2.data_ptr(), rows, x2.stride(0), K, weight.data_ptr(), w_bf16, N, weight.stride(1),
+        x2.data_ptr(), rows, x2.stride(0), K, weight.data_ptr(), w_bf16, w_rows, N, ldw,
         None if bias is None else bias.data_ptr(), out.data_ptr(), N, products, torch.get_num_threads(),
     )  # fmt: skip
     if rc == -2:

@@ -27,10 +27,12 @@ DROPPED = {("high", torch.float32): 3 * U * U, ("high", torch.bfloat16): U * U,
 @pytest.mark.parametrize(("M", "K", "N"), [(256, 50, 70), (300, 96, 600), (257, 1024, 33), (512, 33, 1030)])
 @pytest.mark.parametrize("precision", ["high", "medium"])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["f32w", "bf16w"])
-def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype):
+@pytest.mark.parametrize("layout", ["k_major", "row_major"])
+def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype, layout):
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g)
-    w = k_major(torch.randn(N, K, generator=g).to(w_dtype))
+    w = torch.randn(N, K, generator=g).to(w_dtype)
+    w = k_major(w) if layout == "k_major" else w
     bias = torch.randn(N, generator=g)
     for b in (None, bias):
         out = native.matmul_bf16(x, w, b, precision)
@@ -55,7 +57,7 @@ def test_high_is_closer_than_medium_and_float32_closer_still():
 
 
 @needs_amx
-def test_matmul_bf16_reads_batched_rows_and_a_column_slice_of_a_fused_storage():
+def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a_stack():
     g = torch.Generator().manual_seed(3)
     store = torch.randn(64, 300, generator=g)  # [K, Σ N_i], as model/fused.py stacks matrices
     w = store[:, 40:250].t()  # [210, 64], stride (1, 300)
@@ -64,6 +66,10 @@ def test_matmul_bf16_reads_batched_rows_and_a_column_slice_of_a_fused_storage():
     assert out is not None and out.shape == (1, 260, 210)
     ref = x.double() @ w.double().t()
     assert ((out.double() - ref).abs() <= 1e-4 * (x.double().abs() @ w.double().abs().t())).all()
+    stack = torch.randn(4, 48, 64, generator=g)  # [E, out, in], as Experts holds up_proj
+    out = native.matmul_bf16(x[0], stack[2], None, "high")
+    ref = x[0].double() @ stack[2].double().t()
+    assert ((out.double() - ref).abs() <= 1e-4 * (x[0].double().abs() @ stack[2].double().abs().t())).all()
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels not built")
@@ -72,7 +78,7 @@ def test_matmul_bf16_declines_what_it_does_not_take():
     w = k_major(torch.randn(16, 32))
     assert native.matmul_bf16(x, w, None, "highest") is None  # float32 stays with MKL
     assert native.matmul_bf16(x[:-1], w, None, "high") is None  # too few rows to repay the packing
-    assert native.matmul_bf16(x, w.contiguous(), None, "high") is None  # row-major: not the engine's layout
+    assert native.matmul_bf16(x, k_major(torch.randn(32, 32))[::2], None, "high") is None  # neither layout
     assert native.matmul_bf16(x.double(), w.double(), None, "high") is None
     assert native.matmul_bf16(x[:, :16], w, None, "high") is None  # K mismatch
     w.requires_grad_(True)
