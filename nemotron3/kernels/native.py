@@ -502,12 +502,13 @@ def amx_available() -> bool:
 
 
 def matmul_bf16(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, out: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """F.linear(x, weight, bias) on AMX tiles under a reduced float32 matmul precision ("high": three bf16
     products, ~1e-5 relative; "medium": one) for at least AMX_MIN_ROWS rows, or None when it does not apply.
     weight [N, K] float32 or bfloat16, K-major (the engine's Linear storage) or row-major (nn.Linear's, the
-    stacked experts'); x [..., K] float32 with unit stride in K."""
+    stacked experts'); x [..., K] float32 with unit stride in K. out: a contiguous float32 [..., N] to write
+    (benchmarks time the product without the allocation), else a new tensor."""
     products = MATMUL_PRODUCTS.get(precision)
     lib = _lib if _tried else library()
     w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
@@ -529,9 +530,12 @@ def matmul_bf16(
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    shape = x.shape
+    shape = (*x.shape[:-1], N)
     x2 = x if x.dim() == 2 else x.reshape(rows, K)
-    out = torch.empty(*shape[:-1], N, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif out.shape != shape or out.dtype is not torch.float32 or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(shape)}")
     rc = lib.nm3_matmul_bf16(
         x2.data_ptr(), rows, x2.stride(0), K, weight.data_ptr(), w_bf16, w_rows, N, ldw,
         None if bias is None else bias.data_ptr(), out.data_ptr(), N, products, torch.get_num_threads(),

@@ -66,6 +66,10 @@ def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a
     assert out is not None and out.shape == (1, 260, 210)
     ref = x.double() @ w.double().t()
     assert ((out.double() - ref).abs() <= 1e-4 * (x.double().abs() @ w.double().abs().t())).all()
+    into = torch.empty(1, 260, 210)
+    assert native.matmul_bf16(x, w, None, "high", out=into) is into and torch.equal(into, out)
+    with pytest.raises(ValueError, match="out must be"):
+        native.matmul_bf16(x, w, None, "high", out=torch.empty(260, 210))
     stack = torch.randn(4, 48, 64, generator=g)  # [E, out, in], as Experts holds up_proj
     out = native.matmul_bf16(x[0], stack[2], None, "high")
     ref = x[0].double() @ stack[2].double().t()
