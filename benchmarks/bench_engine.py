@@ -149,7 +149,7 @@ def w_prefill(spec: dict) -> dict:
     prompts = [C.random_prompt(prompt, mc.vocab_size, seed=200 + i) for i in range(calls + 1)]
     times = []
     if engine == "ours":
-        llm, opts = _ours_llm(name, spec["weights"], 1, prompt + 2, prompt)
+        llm, opts = _ours_llm(name, spec["weights"], 1, prompt + 2, prompt, spec)
         for p in prompts:
             t0 = time.perf_counter()
             llm.generate([{"prompt_token_ids": p}], greedy(1))

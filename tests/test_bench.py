@@ -101,6 +101,9 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
             assert res["prefill"][m][L]["speedup_vs_hf"] > 0
             arms = {k for k in res["prefill"][m][L] if k.startswith("ours_matmul_")}
             assert arms == ({"ours_matmul_high", "ours_matmul_medium"} if native.amx_available() else set())
+    for run in data["raw"]:  # the arm's engine really ran under the precision it is reported for
+        if run["spec"].get("matmul_precision"):
+            assert run["engine_options"]["matmul_precision"] == run["spec"]["matmul_precision"]
         prof = res["profile"][m]
         assert prof["top_ops"] and prof["aten_calls_per_step"] > 0
         assert prof["components_ms_per_step"]["engine_step"] > 0
