@@ -16,7 +16,7 @@ from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.llm import LLM
 from nemotron3.model import NemotronHForCausalLM
 from nemotron3.model.attention import Attention
-from tests.engine.test_engine import CONFIG, PROMPT_LENS, assert_pools_empty
+from tests.engine.test_engine import CONFIG, PROMPT_LENS, assert_pools_empty, wide_random_model
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
 MEM = 8 << 20
@@ -24,13 +24,7 @@ MEM = 8 << 20
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(5)
-    m = NemotronHForCausalLM(CONFIG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return m
+    return wide_random_model(5)
 
 
 @pytest.fixture(scope="module")

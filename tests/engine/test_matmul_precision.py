@@ -14,8 +14,7 @@ from nemotron3 import SamplingParams
 from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.llm import LLM
 from nemotron3.kernels import native
-from nemotron3.model import NemotronHForCausalLM
-from tests.engine.test_engine import CONFIG
+from tests.engine.test_engine import CONFIG, wide_random_model
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
 LENS = (300, 160, 40)  # two prompts long enough for the AMX path (AMX_MIN_ROWS), one that stays float32
@@ -23,13 +22,7 @@ LENS = (300, 160, 40)  # two prompts long enough for the AMX path (AMX_MIN_ROWS)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(9)
-    m = NemotronHForCausalLM(CONFIG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return m
+    return wide_random_model(9)
 
 
 def run(model, precision: str):

@@ -17,20 +17,14 @@ from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.llm import LLM
 from nemotron3.engine.runner import narrow_weight_storage
 from nemotron3.model import NemotronHForCausalLM
-from tests.engine.test_engine import CONFIG, NEW, PROMPT_LENS
+from tests.engine.test_engine import CONFIG, NEW, PROMPT_LENS, wide_random_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def ours():
-    torch.manual_seed(3)
-    model = NemotronHForCausalLM(CONFIG).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:  # wider than init so that bf16 rounding moves logits visibly
-                p.normal_(0, 0.08)
-    return model
+    return wide_random_model(3)
 
 
 @pytest.fixture(scope="module")
