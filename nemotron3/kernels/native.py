@@ -491,8 +491,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # torch.set_float32_matmul_precision's names → bf16 product terms of cpu_amx.c ("highest" stays float32)
 MATMUL_PRODUCTS = {"high": 3, "medium": 1}
 # Rows from which `matmul_bf16` runs: its packing reads and writes the whole weight once per call, which a GEMM
-# of fewer rows does not repay (benchmarks/bench_kernels.py measures both sides of the threshold).
+# of fewer rows does not repay (break-even measured at 64-192 rows by shape). A row-major weight's pack also
+# transposes: the routed experts' products (128-270 rows per expert in a nemo300 prefill) ran at 0.7-1.0x MKL
+# in the engine, so those need 4x the rows.
 AMX_MIN_ROWS = 128
+AMX_MIN_ROWS_ROW_MAJOR = 512
 
 
 def amx_available() -> bool:
@@ -524,7 +527,9 @@ def matmul_bf16(
     if x.dim() < 1 or x.shape[-1] != K or x.stride(-1) != 1 or not K:
         return None
     rows = x.numel() // K
-    if rows < AMX_MIN_ROWS or not (x.is_cpu and weight.is_cpu) or lib.nm3_amx_init() != 1:
+    if rows < (AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS) or not (x.is_cpu and weight.is_cpu):
+        return None
+    if lib.nm3_amx_init() != 1:
         return None
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or not bias.is_contiguous()):
         return None

@@ -28,7 +28,8 @@ DROPPED = {("high", torch.float32): 3 * U * U, ("high", torch.bfloat16): U * U,
 @pytest.mark.parametrize("precision", ["high", "medium"])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["f32w", "bf16w"])
 @pytest.mark.parametrize("layout", ["k_major", "row_major"])
-def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype, layout):
+def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype, layout, monkeypatch):
+    monkeypatch.setattr(native, "AMX_MIN_ROWS_ROW_MAJOR", native.AMX_MIN_ROWS)  # the kernel, not the policy
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g).to(w_dtype)
@@ -57,7 +58,8 @@ def test_high_is_closer_than_medium_and_float32_closer_still():
 
 
 @needs_amx
-def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a_stack():
+def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a_stack(monkeypatch):
+    monkeypatch.setattr(native, "AMX_MIN_ROWS_ROW_MAJOR", native.AMX_MIN_ROWS)
     g = torch.Generator().manual_seed(3)
     store = torch.randn(64, 300, generator=g)  # [K, Σ N_i], as model/fused.py stacks matrices
     w = store[:, 40:250].t()  # [210, 64], stride (1, 300)
@@ -82,6 +84,11 @@ def test_matmul_bf16_declines_what_it_does_not_take():
     w = k_major(torch.randn(16, 32))
     assert native.matmul_bf16(x, w, None, "highest") is None  # float32 stays with MKL
     assert native.matmul_bf16(x[:-1], w, None, "high") is None  # too few rows to repay the packing
+    rows_major = torch.randn(16, 32)  # row-major packs transpose: they need AMX_MIN_ROWS_ROW_MAJOR rows
+    big = torch.randn(native.AMX_MIN_ROWS_ROW_MAJOR, 32)
+    assert native.matmul_bf16(big[:-1], rows_major, None, "high") is None
+    if native.amx_available():
+        assert native.matmul_bf16(big, rows_major, None, "high") is not None
     assert native.matmul_bf16(x, k_major(torch.randn(32, 32))[::2], None, "high") is None  # neither layout
     assert native.matmul_bf16(x.double(), w.double(), None, "high") is None
     assert native.matmul_bf16(x[:, :16], w, None, "high") is None  # K mismatch
