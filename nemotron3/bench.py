@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemotron3.config import ATTENTION, MAMBA, ModelConfig
+from nemotron3.config import ModelConfig
 
 DEFAULT_BATCHES = (1, 8, 32)
 PREFILL_BUDGET = 4096  # token budget per step while N prompts are prefilled together
@@ -114,23 +114,18 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int, count_experts
 
 
 def cache_bytes(
-    config: ModelConfig, n_seqs: int, tokens_per_seq: int, block_size: int = 16, elt: int = 4, kv_elt: int | None = None
-) -> int:
-    """A kv_cache_memory_bytes that holds n_seqs sequences of tokens_per_seq tokens. elt: the activations'
-    bytes per element (conv windows); kv_elt: the K/V pools' (default elt).
+    config: ModelConfig, n_seqs: int, tokens_per_seq: int, dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None, block_size: int = 16,
+) -> int:  # fmt: skip
+    """A kv_cache_memory_bytes that holds n_seqs sequences of tokens_per_seq tokens (dtype: the activations';
+    kv_dtype: the K/V pools', default dtype), by the cache's own accounting (engine/cache.py: pool_bytes).
 
     The engine allocates (and zeroes) its pools up front, so sizing them to the run keeps the memory
-    and peak RSS to what the run needs. Mirrors engine/cache.py's accounting (SSM state in its dtype).
+    and peak RSS to what the run needs.
     """
-    kinds = config.layers_block_type
-    n_attn = sum(k == ATTENTION for k in kinds)
-    n_mamba = sum(k == MAMBA for k in kinds)
-    ssm_elt = {"float32": 4, "bfloat16": 2, "float16": 2}[config.mamba_ssm_cache_dtype]
-    slot = n_mamba * (
-        config.mamba_conv_dim * (config.conv_kernel - 1) * elt
-        + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_elt
-    )
-    block = n_attn * 2 * config.num_key_value_heads * block_size * config.head_dim * (kv_elt or elt)
+    from nemotron3.engine.cache import pool_bytes
+
+    slot, block = pool_bytes(config, dtype, kv_dtype, block_size)
     blocks = n_seqs * (-(-tokens_per_seq // block_size) + 2)
     return n_seqs * slot + blocks * block + 4096
 
@@ -156,9 +151,7 @@ def make_llm(model, n_seqs: int, tokens_per_seq: int, budget: int, options: dict
     opts = {
         "max_num_seqs": n_seqs,
         "max_num_batched_tokens": budget,
-        "kv_cache_memory_bytes": cache_bytes(
-            model.config, n_seqs, tokens_per_seq, elt=model.dtype.itemsize, kv_elt=kv_dtype.itemsize
-        ),
+        "kv_cache_memory_bytes": cache_bytes(model.config, n_seqs, tokens_per_seq, model.dtype, kv_dtype),
         **options,
     }
     return LLM(model, **opts), opts

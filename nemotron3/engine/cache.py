@@ -16,8 +16,26 @@ from dataclasses import dataclass, field
 import torch
 
 from nemotron3.config import ATTENTION, MAMBA, ModelConfig
+from nemotron3.model.nemotron import SSM_DTYPES
 
-SSM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def pool_bytes(
+    config: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype | None = None, block_size: int = 16,
+    mtp_attention_layers: int = 0,
+) -> tuple[int, int]:  # fmt: skip
+    """(bytes of one sequence's state slot, bytes of one K/V block) in HybridCache's pools: a slot holds every
+    Mamba layer's conv window (in dtype, the activations') and SSM state (in mamba_ssm_cache_dtype); a block
+    holds K and V of block_size tokens for every attention layer and MTP attention layer, in kv_dtype
+    (default dtype)."""
+    kinds = config.layers_block_type
+    n_attn, n_mamba = kinds.count(ATTENTION) + mtp_attention_layers, kinds.count(MAMBA)
+    ssm = SSM_DTYPES[config.mamba_ssm_cache_dtype]
+    slot = n_mamba * (
+        config.mamba_conv_dim * (config.conv_kernel - 1) * dtype.itemsize
+        + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm.itemsize
+    )
+    block = n_attn * 2 * config.num_key_value_heads * block_size * config.head_dim * (kv_dtype or dtype).itemsize
+    return slot, block
 
 
 @dataclass
@@ -119,12 +137,7 @@ class HybridCache:
         n_planes = n_attn + mtp_attention_layers
         ssm_dtype = SSM_DTYPES[config.mamba_ssm_cache_dtype]
         kv_dtype = kv_dtype or dtype
-        elt, kv_elt = dtype.itemsize, kv_dtype.itemsize
-        slot_bytes = n_mamba * (
-            config.mamba_conv_dim * (config.conv_kernel - 1) * elt
-            + config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * ssm_dtype.itemsize
-        )
-        block_bytes = n_planes * 2 * config.num_key_value_heads * self.block_size * config.head_dim * kv_elt
+        slot_bytes, block_bytes = pool_bytes(config, dtype, kv_dtype, self.block_size, mtp_attention_layers)
         slots = cache_config.max_num_seqs
         left = cache_config.memory_bytes - slots * slot_bytes
         if left < 0:
