@@ -609,7 +609,8 @@ def run_all(r: Runner, P: dict, log) -> dict:
     # (c) prefill, batch 1
     log("(c) prefill")
     precisions = P["amx_precisions"] if native.amx_available() else []
-    pre = {m: {L: {"ours": [], "hf": [], **{p: [] for p in precisions}} for L in P["prefill"]} for m in conc}
+    arms = ("ours", "hf", *precisions)
+    pre = {m: {L: {a: [] for a in arms} for L in P["prefill"]} for m in (M["hybrid"], M["big"])}
     for rep in range(P["reps"]):
         for m in pre:
             for L in P["prefill"]:

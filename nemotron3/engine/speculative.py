@@ -166,8 +166,11 @@ class SpecRunner(ModelRunner):
     """ModelRunner whose decode segments may carry drafts (verify), returning logits of every verify
     position and the final-norm hidden states of every token; also runs the MTP block over the paged cache."""
 
-    def __init__(self, model: NemotronHForCausalLM, cache: HybridCache, rollback: str = "select") -> None:
-        super().__init__(model, cache)
+    def __init__(
+        self, model: NemotronHForCausalLM, cache: HybridCache, rollback: str = "select",
+        matmul_precision: str = "highest",
+    ) -> None:  # fmt: skip
+        super().__init__(model, cache, matmul_precision=matmul_precision)
         self.rollback = rollback
         self.mtp_layers = model.mtp.block(0)
         attn = [i for i, layer in enumerate(self.mtp_layers) if layer.kind == ATTENTION]
@@ -321,8 +324,7 @@ class SpeculativeEngine(LLMEngine):
         super().__init__(model, tokenizer, config, mtp_attention_layers=n_planes)
         self.spec_config = spec
         self.k = spec.num_speculative_tokens
-        self.runner = SpecRunner(model, self.cache, spec.rollback)
-        self.runner.matmul_precision = self.config.matmul_precision
+        self.runner = SpecRunner(model, self.cache, spec.rollback, self.config.matmul_precision)
         self._state: weakref.WeakKeyDictionary[Sequence, _SpecState] = weakref.WeakKeyDictionary()
         self.stats = SpecDecodeMetrics(drafted_per_position=[0] * self.k, accepted_per_position=[0] * self.k)
         self.draft_hook = None  # tests: callable(seq, drafts) -> drafts, to force accept/reject patterns
