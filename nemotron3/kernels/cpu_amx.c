@@ -99,6 +99,13 @@ static void transpose16(__m512i *r) {
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0; }
 
+/* Up to 16 elements w[i ..] widened to float32 (float32, or bfloat16 when bf16): the first `left`, zeros after. */
+static inline __m512 load16(const void *w, int bf16, int64_t i, int64_t left) {
+    __mmask16 m = first(left);
+    if (bf16) return bf16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i));
+    return _mm512_maskz_loadu_ps(m, (const float *)w + i);
+}
+
 /* x rows [M, K] (float32, rows ldx apart) into tile-packed hi/lo parts; rows ≥ M and columns ≥ K are zeros. */
 static void pack_x(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t Mp, int64_t nk, uint16_t *hi,
                    uint16_t *lo) {
@@ -107,18 +114,8 @@ static void pack_x(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t Mp
         for (int64_t kb = 0; kb < nk; kb++) {
             int64_t k = kb * 32, left = m < M ? K - k : 0;
             size_t o = (size_t)((m / 16) * nk + kb) * 512 + (size_t)(m % 16) * 32;
-            const float *r = x + m * ldx + k;
-            split32_store(_mm512_maskz_loadu_ps(first(left), r), _mm512_maskz_loadu_ps(first(left - 16), r + 16),
-                          hi + o, lo + o);
+            split32_store(load16(x, 0, m * ldx + k, left), load16(x, 0, m * ldx + k + 16, left - 16), hi + o, lo + o);
         }
-}
-
-/* 16 weights of row k, columns n.. (float32, or bfloat16 when bf16; zeros past K and N). */
-static inline __m512 w_row16(const void *w, int bf16, int64_t k, int64_t K, int64_t ldw, int64_t n, int64_t N) {
-    if (k >= K) return _mm512_setzero_ps();
-    __mmask16 m = first(N - n);
-    if (bf16) return bf16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + k * ldw + n));
-    return _mm512_maskz_loadu_ps(m, (const float *)w + k * ldw + n);
 }
 
 /* The K-major weight (element (k, n) at w[k·ldw + n]) into VNNI-packed hi/lo parts: rows k and k+1 interleaved. */
@@ -129,17 +126,12 @@ static void pack_w(const void *w, int bf16, int64_t K, int64_t N, int64_t ldw, i
 #pragma omp for schedule(static)
     for (int64_t kp = 0; kp < nk * 16; kp++)
         for (int64_t n = 0; n < Np; n += 16) {
-            __m512 r0 = w_row16(w, bf16, 2 * kp, K, ldw, n, N), r1 = w_row16(w, bf16, 2 * kp + 1, K, ldw, n, N);
+            int64_t k = 2 * kp; /* rows k and k + 1, columns n.. (zeros past K and N) */
+            __m512 r0 = k < K ? load16(w, bf16, k * ldw + n, N - n) : _mm512_setzero_ps();
+            __m512 r1 = k + 1 < K ? load16(w, bf16, (k + 1) * ldw + n, N - n) : _mm512_setzero_ps();
             size_t o = (size_t)((n / 16) * nk + kp / 16) * 512 + (size_t)(kp % 16) * 32;
             split32_store(_mm512_permutex2var_ps(r0, even, r1), _mm512_permutex2var_ps(r0, odd, r1), hi + o, lo + o);
         }
-}
-
-/* 16 weights of row n, k.. (float32, or bfloat16 when bf16; zeros past K). */
-static inline __m512 w_col16(const void *w, int bf16, int64_t n, int64_t ldw, int64_t k, int64_t K) {
-    __mmask16 m = first(K - k);
-    if (bf16) return bf16_to_f32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + n * ldw + k));
-    return _mm512_maskz_loadu_ps(m, (const float *)w + n * ldw + k);
 }
 
 /* A row-major weight (element (k, n) at w[n·ldw + k], as nn.Linear and the stacked experts store it) into the
@@ -153,7 +145,8 @@ static void pack_w_rows(const void *w, int bf16, int64_t K, int64_t N, int64_t l
         for (int j = 0; j < 16; j++) {
             int64_t n = nb * 16 + j, k = kb * 32;
             if (n < N)
-                split32(w_col16(w, bf16, n, ldw, k, K), w_col16(w, bf16, n, ldw, k + 16, K), &h[j], &l[j]);
+                split32(load16(w, bf16, n * ldw + k, K - k), load16(w, bf16, n * ldw + k + 16, K - k - 16), &h[j],
+                        &l[j]);
             else
                 h[j] = l[j] = _mm512_setzero_si512();
         }
