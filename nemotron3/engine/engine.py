@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nemotron3.engine.cache import CacheConfig, HybridCache
+from nemotron3.engine.gc_heap import freeze_gc_heap
 from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nemotron3.engine.runner import WEIGHT_DTYPES, ModelRunner, Segment, narrow_weight_storage
 from nemotron3.engine.sampler import SampleResult, SamplingTensors, argmax_ids, sample
@@ -106,6 +107,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        freeze_gc_heap()  # the objects alive now never become garbage: out of the collector's walks (gc_heap.py)
 
     # ------------------------------------------------------------------ requests
     def add_request(

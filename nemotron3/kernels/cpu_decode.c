@@ -692,6 +692,30 @@ int nm3_decode_attention(int64_t n, const float *q, int64_t ldq, const void *k_p
     return 0;
 }
 
+/* dst[r][c] = relu(src[r][c])² for rows × cols (rows lds and ldd floats apart): the MoE prefill's shared-expert
+ * activation copied into the down projection's input in one pass, where copy, relu and square in place took
+ * three over a strided slice (12.6 MB each at nemo300 @2048). Same values as torch.relu(x).square(), denormal
+ * squares included (no flush-to-zero here). */
+void nm3_relu2_rows(const float *src, int64_t lds, float *dst, int64_t ldd, int64_t rows, int64_t cols,
+                    int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(rows > 1 ? nthreads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *a = src + r * lds;
+        float *b = dst + r * ldd;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= cols; c += 16) {
+            __m512 v = _mm512_max_ps(_mm512_loadu_ps(a + c), _mm512_setzero_ps());
+            _mm512_storeu_ps(b + c, _mm512_mul_ps(v, v));
+        }
+#endif
+        for (; c < cols; c++) {
+            float v = a[c] > 0.0f ? a[c] : 0.0f;
+            b[c] = v * v;
+        }
+    }
+}
+
 /* h ← h + delta (the residual stream, in place; no add when delta is NULL); out = w ⊙ h / sqrt(mean(h²) + eps)
  * per row of H (RMSNorm, norm.py). h, delta, out: [rows, H] contiguous. */
 void nm3_add_rms_norm(float *h, const float *delta, const float *w, float eps, int64_t rows, int64_t H, float *out,

@@ -46,6 +46,7 @@ _SIGNATURES = {
     ),
     "nm3_decode_attention": (ctypes.c_int, [_i, _p, _i, _p, _p, _n, _i, _p, _p, _i, _i, _i, _i, _f, _p, _n]),
     "nm3_add_rms_norm": (None, [_p, _p, _p, _f, _i, _i, _p, _n]),
+    "nm3_relu2_rows": (None, [_p, _i, _p, _i, _i, _i, _n]),
     "nm3_linear": (ctypes.c_int, [_p, _i, _i, _p, _n, _i, _i, _i, _p, _p, _i, _i, _n]),
     "nm3_run_program": (ctypes.c_int, [_p, _i, _i, _p, _n]),
     "nm3_moe_dispatch": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _i, _i, _p, _i, _i, _p, _p, _p, _p, _n]),
@@ -446,6 +447,26 @@ def add_rms_norm(
         H, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def relu2_into(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """dst = relu(src)² (model/mlp.py: relu2) in one pass, for [rows, cols] float32 views with unit column
+    stride (any row strides: a fused projection's column slice into another buffer's). Returns False (dst
+    untouched) when the kernel cannot run."""
+    lib = library()
+    if (
+        lib is None
+        or not _usable(src, dst)
+        or src.dim() != 2
+        or src.shape != dst.shape
+        or src.stride(1) != 1
+        or dst.stride(1) != 1
+    ):
+        return False
+    rows, cols = src.shape
+    threads = torch.get_num_threads()
+    lib.nm3_relu2_rows(src.data_ptr(), src.stride(0), dst.data_ptr(), dst.stride(0), rows, cols, threads)
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -221,7 +221,8 @@ class MoE(nn.Module):
         both = torch.empty(h.shape[0], S + latent.shape[1], dtype=torch.float32)
         if self._native_routed(logits, latent, both[:, S:]) is None:
             return None
-        relu2_(both[:, :S].copy_(h))
+        if not native.relu2_into(h, both[:, :S]):
+            relu2_(both[:, :S].copy_(h))
         return linear(both, w_out)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -371,6 +371,24 @@ def test_add_rms_norm_updates_the_residual_and_normalises_like_float64():
 
 
 @needs_native
+@pytest.mark.parametrize(("rows", "cols"), [(1, 5), (37, 48), (300, 129)])
+def test_relu2_into_writes_relu_squared_between_strided_views(rows, cols):
+    """relu(x)² exactly as torch computes it (one rounding: the square), denormal squares kept, from a column
+    slice of one buffer into a column slice of another; the bytes around the destination stay as they were."""
+    g = torch.Generator().manual_seed(rows)
+    src_buf = torch.randn(rows, cols + 11, generator=g)
+    src_buf[:, 4:9] = 1e-20  # squares below float32's smallest normal
+    src = src_buf[:, 3 : 3 + cols]
+    dst_buf = torch.full((rows, cols + 20), float("nan"))
+    dst = dst_buf[:, 8 : 8 + cols]
+    assert native.relu2_into(src, dst)
+    assert torch.equal(dst, torch.relu(src).square())
+    assert dst_buf[:, :8].isnan().all() and dst_buf[:, 8 + cols :].isnan().all()
+    assert not native.relu2_into(src, dst[:, 1:])  # mismatched shapes: declined
+    assert not native.relu2_into(src.t(), dst.t())  # columns not unit-stride: declined
+
+
+@needs_native
 def test_mamba_step_sees_in_place_updates_and_replaced_parameters():
     """The kernel's cached parameter pointers follow the mixer: in-place edits and new `.data` both count."""
     cfg = small_config("M", mamba_num_heads=4, n_groups=2, ssm_state_size=16, mamba_head_dim=8)
