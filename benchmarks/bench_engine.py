@@ -142,10 +142,11 @@ def w_decode(spec: dict) -> dict:
 
 
 def w_prefill(spec: dict) -> dict:
-    """(c): batch-1 prefill of `prompt` tokens: one warm-up at full length, then `calls` timed calls."""
+    """(c): batch-1 prefill of `prompt` tokens: one warm-up at full length, then `calls` timed calls (the plan's
+    prefill_calls; their median is the cell's value)."""
     name, engine, prompt = spec["model"], spec["engine"], spec["prompt"]
     mc = C.config(name)
-    calls = spec.get("calls", 2)
+    calls = spec.get("calls", 5)
     prompts = [C.random_prompt(prompt, mc.vocab_size, seed=200 + i) for i in range(calls + 1)]
     times = []
     if engine == "ours":
@@ -373,6 +374,7 @@ def plan(mode: str) -> dict:
         "conc_prompt": 512,
         "hf_b8": True,  # (b) also transformers at batch 8
         "prefill": [512, 2048],  # (c)
+        "prefill_calls": 5,  # (c) timed calls per worker after its warm-up (2 until 2026-11-30 13:00: noisier)
         "contexts": [512, 2048, 8192, 32768],  # (d)
         "context_reps": 3,  # reps at contexts <= 2048 (one run above)
         "hf_context_limit_s": 150,  # (d) skip transformers where one run is predicted to take longer
@@ -395,9 +397,9 @@ def plan(mode: str) -> dict:
     if mode == "smoke":
         return {
             **full, "models": {"hybrid": "tiny50", "big": "tiny300", "attn": "tiny50-attn"}, "reps": 1,
-            "dec_prompt": 64, "conc": [1, 2, 4], "conc_prompt": 64, "prefill": [32, 64], "contexts": [32, 128],
-            "context_reps": 1, "hf_context_limit_s": 60, "profile_steps": 4, "worker_timeout": 120, "budget_min": 5,
-            "quiet_wait_s": 0, "in_process": True,
+            "dec_prompt": 64, "conc": [1, 2, 4], "conc_prompt": 64, "prefill": [32, 64], "prefill_calls": 2,
+            "contexts": [32, 128], "context_reps": 1, "hf_context_limit_s": 60, "profile_steps": 4,
+            "worker_timeout": 120, "budget_min": 5, "quiet_wait_s": 0, "in_process": True,
         }  # fmt: skip
     return full
 
@@ -614,11 +616,12 @@ def run_all(r: Runner, P: dict, log) -> dict:
     for rep in range(P["reps"]):
         for m in pre:
             for L in P["prefill"]:
-                o, h = ab(r, rep, scenario="prefill", model=m, prompt=L)
+                o, h = ab(r, rep, scenario="prefill", model=m, prompt=L, calls=P["prefill_calls"])
                 pre[m][L]["ours"].append(o)
                 pre[m][L]["hf"].append(h)
                 for p in precisions:
-                    pre[m][L][p].append(r.run(engine="ours", scenario="prefill", model=m, prompt=L, matmul_precision=p))
+                    spec = {"scenario": "prefill", "model": m, "prompt": L, "calls": P["prefill_calls"]}
+                    pre[m][L][p].append(r.run(engine="ours", matmul_precision=p, **spec))
     for m, cells in pre.items():
         res["prefill"][m] = {}
         for L, d in cells.items():

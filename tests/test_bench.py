@@ -104,6 +104,8 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
     for run in data["raw"]:  # the arm's engine really ran under the precision it is reported for
         if run["spec"].get("matmul_precision"):
             assert run["engine_options"]["matmul_precision"] == run["spec"]["matmul_precision"]
+        if run["spec"]["scenario"] == "prefill":  # the plan's timed calls, after the warm-up
+            assert len(run["times_s"]) == run["spec"]["calls"] == 2
         prof = res["profile"][m]
         assert prof["top_ops"] and prof["aten_calls_per_step"] > 0
         assert prof["components_ms_per_step"]["engine_step"] > 0
