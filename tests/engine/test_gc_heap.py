@@ -1,6 +1,6 @@
 """freeze_gc_heap: the first engine of a process collects, then freezes the live objects out of the cyclic
 collector's walks; garbage made before it is collected, not frozen; cycles made after it are still collected;
-NEMOTRON3_FREEZE_GC=0 leaves the collector alone. Each case runs in a fresh process (gc.freeze is process-wide
+a deleted engine (frozen with its model) is freed by reference counting alone; NEMOTRON3_FREEZE_GC=0 leaves the collector alone. Each case runs in a fresh process (gc.freeze is process-wide
 and applied once)."""
 
 import json
@@ -26,8 +26,11 @@ def cycle():
 gc.disable()  # only explicit collections from here on: the engine's, then the one below
 before = cycle()  # garbage when the engine starts: must be collected there, not frozen
 tracked = len(gc.get_objects())
-LLM(NemotronHForCausalLM(preset("tiny")), kv_cache_memory_bytes=4 << 20)
+first = LLM(NemotronHForCausalLM(preset("tiny")), kv_cache_memory_bytes=4 << 20)
 frozen_after_first = gc.get_freeze_count()
+first.generate([[1, 2, 3]], None)
+first_model = weakref.ref(first.engine.model)
+del first  # frozen, so only reference counting can free it: the engine must hold no reference cycle
 LLM(NemotronHForCausalLM(preset("tiny")), kv_cache_memory_bytes=4 << 20)
 after = cycle()
 gc.collect()
@@ -35,6 +38,7 @@ print(json.dumps({
     "frozen": gc_heap._frozen, "tracked": tracked, "freeze_count": frozen_after_first,
     "second_engine_froze": gc.get_freeze_count() > frozen_after_first,  # frozen objects can still be freed
     "before_collected": before() is None, "after_collected": after() is None,
+    "first_engine_freed": first_model() is None,
 }))
 """
 
@@ -53,6 +57,7 @@ def test_the_first_engine_freezes_the_live_heap():
     assert r["freeze_count"] >= r["tracked"] * 0.9  # the objects alive before the engine, less the collected cycle
     assert not r["second_engine_froze"]  # once per process
     assert r["before_collected"] and r["after_collected"]
+    assert r["first_engine_freed"]  # a notebook that replaces its LLM does not keep the old model alive
 
 
 def test_the_environment_turns_it_off():
