@@ -469,6 +469,25 @@ def relu2_into(src: torch.Tensor, dst: torch.Tensor) -> bool:
     return True
 
 
+def _linear_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
+    """The kernels' w_bf16 flag for F.linear(x, weight, bias) when the native products can read the operands:
+    CPU tensors, x [..., K] float32 with unit stride in K (K > 0), weight [N, K] float32 or bfloat16 (its layout
+    is the caller's to check), bias float32 contiguous or None, and no autograd recording through them. Else
+    None."""
+    w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
+    if w_bf16 is None or x.dtype is not torch.float32 or weight.dim() != 2 or x.dim() < 1:
+        return None
+    K = weight.shape[1]
+    if x.shape[-1] != K or x.stride(-1) != 1 or not K or not (x.is_cpu and weight.is_cpu):
+        return None
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or not bias.is_contiguous()):
+        return None
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
+        return None
+    return w_bf16
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """F.linear(x, weight, bias) for at most LINEAR_MAX_ROWS rows, streaming the weight once: [..., N] float32,
     or None when the kernel cannot run.
@@ -479,19 +498,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     contiguous or None.
     """
     lib = _lib if _tried else library()
-    w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
-    if lib is None or w_bf16 is None or x.dtype is not torch.float32 or weight.dim() != 2 or x.dim() < 1:
+    w_bf16 = None if lib is None else _linear_operands(x, weight, bias)
+    if w_bf16 is None:
         return None
     N, K = weight.shape
     shape = x.shape
-    if weight.stride(0) != 1 or weight.stride(1) < N or shape[-1] != K or x.stride(-1) != 1 or not K:
+    if weight.stride(0) != 1 or weight.stride(1) < N:
         return None
     rows = x.numel() // K
-    if rows == 0 or rows > LINEAR_MAX_ROWS or not (x.is_cpu and weight.is_cpu):
-        return None
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or not bias.is_contiguous()):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if rows == 0 or rows > LINEAR_MAX_ROWS:
         return None
     if x.dim() == 2 or (x.dim() == 3 and shape[0] == 1):  # [T, K] / [1, T, K]: rows are stride(-2) apart
         ldx = x.stride(-2)
@@ -506,7 +521,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rc != 0:
         raise MemoryError("nm3_linear: allocation failed")
     return out
-
 
 
 # torch.set_float32_matmul_precision's names → bf16 product terms of cpu_amx.c ("highest" stays float32)
@@ -535,8 +549,8 @@ def matmul_bf16(
     (benchmarks time the product without the allocation), else a new tensor."""
     products = MATMUL_PRODUCTS.get(precision)
     lib = _lib if _tried else library()
-    w_bf16 = _WEIGHT_FLAG.get(weight.dtype)
-    if products is None or lib is None or w_bf16 is None or x.dtype is not torch.float32 or weight.dim() != 2:
+    w_bf16 = None if products is None or lib is None else _linear_operands(x, weight, bias)
+    if w_bf16 is None:
         return None
     N, K = weight.shape
     if weight.stride(0) == 1 and weight.stride(1) >= N:
@@ -545,16 +559,8 @@ def matmul_bf16(
         w_rows, ldw = 1, weight.stride(0)
     else:
         return None
-    if x.dim() < 1 or x.shape[-1] != K or x.stride(-1) != 1 or not K:
-        return None
     rows = x.numel() // K
-    if rows < (AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS) or not (x.is_cpu and weight.is_cpu):
-        return None
-    if lib.nm3_amx_init() != 1:
-        return None
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or not bias.is_contiguous()):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if rows < (AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS) or lib.nm3_amx_init() != 1:
         return None
     shape = (*x.shape[:-1], N)
     x2 = x if x.dim() == 2 else x.reshape(rows, K)
