@@ -202,6 +202,7 @@ class SpecRunner(ModelRunner):
             return apply(self.model.lm_head, hidden[rows]).float(), hidden
 
     def _spec_mamba(self, layer: int, mixer, x: torch.Tensor, segments, offsets, n_dec: int) -> torch.Tensor:
+        """The Mamba mixer up to its out_proj (run_layers applies it), per-position states kept for the verify."""
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
         proj = apply(mixer.in_proj, x)  # [1, T, I + C + nh]
@@ -234,8 +235,7 @@ class SpecRunner(ModelRunner):
                 else torch.cat([y[k, :n] for k, n in enumerate(lengths)])[None]
             )
         parts += self._prefill_chunks(mixer, proj, segments, offsets, n_dec, conv, ssm)
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return apply(mixer.out_proj, y.to(x.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @torch.inference_mode()
     def commit(self, keep: list[int]) -> None:
