@@ -20,7 +20,7 @@ from nemotron3.engine.decode_program import DecodeProgram, Unsupported
 from nemotron3.engine.host_memory import keep_freed_memory
 from nemotron3.kernels import native
 from nemotron3.model.attention import Attention, causal_attention
-from nemotron3.model.fused import apply, fast_path
+from nemotron3.model.fused import apply, fast_path, fast_path_precision
 from nemotron3.model.mamba2 import MambaState
 from nemotron3.model.moe import Experts, MoE, Router
 from nemotron3.model.nemotron import NemotronHForCausalLM
@@ -216,9 +216,12 @@ class ModelRunner:
             hidden, x = hidden[:, rows], x[:, rows]
         for i, block in enumerate(layers):
             if self.kinds[i] == MAMBA:
-                y = mamba(i, block.mixer, x, segments, offsets, n_dec)
-                if i == cut:  # out_proj for the kept rows only
-                    y, hidden = y[:, rows], hidden[:, rows]
+                if i == cut and mamba == self._mamba:  # the mixer's outputs (and out_proj) for the kept rows only
+                    y, hidden = self._mamba(i, block.mixer, x, segments, offsets, n_dec, rows), hidden[:, rows]
+                elif i == cut:
+                    y, hidden = mamba(i, block.mixer, x, segments, offsets, n_dec)[:, rows], hidden[:, rows]
+                else:
+                    y = mamba(i, block.mixer, x, segments, offsets, n_dec)
                 out = apply(block.mixer.out_proj, y.to(x.dtype))
             elif self.kinds[i] == ATTENTION:
                 out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
@@ -234,17 +237,49 @@ class ModelRunner:
             hidden, x = add_norm(hidden, out, layers[i + 1].norm)
         return hidden
 
-    def _mamba(self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int):
-        """The Mamba mixer up to its out_proj (which _run_blocks applies): [1, T, I]."""
+    def _mamba(
+        self, layer: int, mixer, x: torch.Tensor, segments: list[Segment], offsets: list[int], n_dec: int,
+        rows: list[int] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The Mamba mixer up to its out_proj (which _run_blocks applies): [1, T, I].
+
+        With `rows` (the cut layer of run_layers: the decode rows and the last row of each sampling chunk), only
+        those rows come back, [1, len(rows), I]: each prompt chunk's scan forms its last output or none
+        (native.mamba_prefill `outputs`), and in_proj's z columns, which only gate the outputs, are computed for
+        those rows alone (40 % of nemo300's in_proj)."""
         j = self.cache.mamba_index[layer]
         conv, ssm = self.cache.conv[j], self.cache.ssm[j]
-        proj = apply(mixer.in_proj, x)  # [1, T, I + C + nh]
+        if rows is not None:
+            proj = self._in_proj_without_z(mixer, x, sorted({*rows, *range(n_dec)}))
+        else:
+            proj = apply(mixer.in_proj, x)  # [1, T, I + C + nh]
         z, xbc, dt = mixer.split_projection(proj)
         parts = []
         if n_dec:
-            parts.append(self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm))
-        parts += self._prefill_chunks(mixer, proj, segments, offsets, n_dec, conv, ssm)
+            y = self._mamba_decode(layer, mixer, proj, z, xbc, dt, segments[:n_dec], conv, ssm)
+            kept = [r for r in rows if r < n_dec] if rows is not None else None
+            parts.append(y if kept is None or len(kept) == n_dec else y[:, kept])
+        parts += self._prefill_chunks(mixer, proj, segments, offsets, n_dec, conv, ssm, rows is not None)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _in_proj_without_z(mixer, x: torch.Tensor, need: list[int]) -> torch.Tensor:
+        """in_proj's output [1, T, I + C + nh] with its z columns computed only in the rows `need` (the others are
+        left unset: z gates its own row's output only, and those rows' outputs are dropped). Where this does not
+        apply (few rows, which the native GEMV serves, or an in_proj that is not a plain float32 nn.Linear under
+        float32 matmuls), the whole projection."""
+        lin, T, I = mixer.in_proj, x.shape[1], mixer.inner
+        plain = type(lin) is torch.nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks)
+        if (
+            not plain or lin.bias is not None or lin.weight.dtype != x.dtype or x.dtype != torch.float32
+            or T <= native.LINEAR_MAX_ROWS or fast_path_precision() != "highest"
+        ):  # fmt: skip
+            return apply(lin, x)
+        w, flat = lin.weight, x[0]
+        proj = torch.empty(T, w.shape[0], dtype=x.dtype)
+        torch.mm(flat, w[I:].t(), out=proj[:, I:])  # x | B | C | dt for every row (MKL writes the column block)
+        proj[need, :I] = torch.mm(flat[need], w[:I].t())
+        return proj[None]
 
     def _mamba_decode(self, layer: int, mixer, proj, z, xbc, dt, decoding: list[Segment], conv, ssm) -> torch.Tensor:
         """One recurrence step for the first len(decoding) rows; returns [1, n, I].
@@ -273,17 +308,23 @@ class ModelRunner:
         return y.view(1, n, -1)
 
     @staticmethod
-    def _prefill_chunks(mixer, proj, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm):
+    def _prefill_chunks(
+        mixer, proj, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm, sampled_only: bool = False
+    ) -> list[torch.Tensor]:  # fmt: skip
         """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place: one
-        native call per chunk (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops."""
+        native call per chunk (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops.
+        sampled_only: a chunk returns its last row if it samples, else no row (the torch ops form every row and
+        drop the rest; z may be unset in those rows)."""
         parts = []
         dt_range = mixer.prefill_dt_range()
         for k in range(n_dec, len(segments)):
             a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
-            y = native.mamba_prefill(mixer, proj[0, a:b], conv[slot], ssm[slot], dt_range)
+            outputs = ("last" if segments[k].want_logits else "none") if sampled_only else "all"
+            y = native.mamba_prefill(mixer, proj[0, a:b], conv[slot], ssm[slot], dt_range, outputs)
             if y is None:
                 z, xbc, dt = mixer.split_projection(proj[:, a:b])
                 y = mixer.mix(z, xbc, dt, MambaState(conv[slot : slot + 1], ssm[slot : slot + 1]), decode=False)[0]
+                y = y[-1:] if outputs == "last" else y[:0] if outputs == "none" else y
             parts.append(y[None])
         return parts
 

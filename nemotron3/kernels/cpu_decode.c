@@ -952,17 +952,20 @@ int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, c
                           int64_t hs, int64_t nq, int64_t nkv, int64_t d, float scale, float *out, int64_t ldo,
                           int nthreads) {
     int64_t g = nq / nkv, off = Tk - Tq, blocks = (Tq + PA_TOKENS - 1) / PA_TOKENS, R = g * PA_TOKENS;
-    float *kt = malloc((size_t)(nkv * d * Tk > 0 ? nkv * d * Tk : 1) * sizeof(float)); /* [nkv][d][Tk] */
+    int64_t tiles = (Tk + PA_KEYS - 1) / PA_KEYS, tile = d * PA_KEYS;
+    /* Kᵀ tile by tile, [nkv][tiles][d][PA_KEYS]: each tile's rows PA_KEYS floats apart. (Rows Tk floats apart, as
+     * one [d][Tk] matrix per head, put a tile's d rows 8 KiB apart at Tk = 2048, all in the same four L1 sets,
+     * and its products ran at half their rate.) */
+    float *kt = malloc((size_t)(nkv * tiles * tile > 0 ? nkv * tiles * tile : 1) * sizeof(float));
     if (!kt) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
-        int64_t tiles = (Tk + PA_KEYS - 1) / PA_KEYS;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < nkv * tiles; r++) { /* Kᵀ of head r / tiles, keys of tile r % tiles */
             int64_t hk = r / tiles, t0 = r % tiles * PA_KEYS, nt = Tk - t0 < PA_KEYS ? Tk - t0 : PA_KEYS;
-            transpose(k + hk * hs + t0 * d, d, nt, d, kt + hk * d * Tk + t0, Tk);
+            transpose(k + hk * hs + t0 * d, d, nt, d, kt + r * tile, PA_KEYS);
         }
         float *Q = malloc((size_t)(R * d) * sizeof(float)), *O = malloc((size_t)(R * d) * sizeof(float));
         float *S = malloc((size_t)(R * PA_KEYS) * sizeof(float)), *M = malloc((size_t)(2 * R) * sizeof(float));
@@ -984,7 +987,7 @@ int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, c
                 for (int64_t x = 0; x < rows * d; x++) O[x] = 0.0f;
                 for (int64_t k0 = 0, kend = off + t0 + nt; k0 < kend; k0 += PA_KEYS) {
                     int64_t nk = kend - k0 < PA_KEYS ? kend - k0 : PA_KEYS;
-                    mm_acc(S, PA_KEYS, Q, d, kt + hk * d * Tk + k0, Tk, rows, d, nk, MM_FULL, 1);
+                    mm_acc(S, PA_KEYS, Q, d, kt + (hk * tiles + k0 / PA_KEYS) * tile, PA_KEYS, rows, d, nk, MM_FULL, 1);
                     for (int64_t r = 0; r < rows; r++) {
                         float *sr = S + r * PA_KEYS;
                         int64_t vis = off + t0 + r % nt + 1 - k0; /* keys of this block that row r sees */
@@ -1033,15 +1036,16 @@ static void mul_exp_nonpos(float *w, const float *x, int64_t m) {
  * B, C [t, g, n] (rows ldb / ldc apart; head hd reads group hd / (h/g)); state [h, p, n] is the entering
  * state and receives the final one; y [t, h, p] contiguous. Phase 1, per (chunk, group) in parallel: Bᵀ [n, Q]
  * and C·Bᵀ, shared by the group's heads. Phase 2 runs the heads in parallel, each carrying its state
- * (transposed, [n, p]) through the chunks in order: three blocked GEMMs per chunk (mm_acc). Returns 0, or -2 if
- * scratch allocation fails. */
+ * (transposed, [n, p]) through the chunks in order: three blocked GEMMs per chunk (mm_acc). y NULL advances the
+ * state only: of the three products just the state's is formed, and C·Bᵀ not at all. Returns 0, or -2 if scratch
+ * allocation fails. */
 int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t Q, const float *x, int64_t ldx,
                  const float *dt, int64_t lddt, const float *A, const float *B, int64_t ldb, const float *C,
                  int64_t ldc, float *state, float *y, int nthreads) {
     int64_t nc = (t + Q - 1) / Q, hpg = h / g, blocks = nc * g > 0 ? nc * g : 1;
-    float *cb = malloc((size_t)(blocks * Q * Q) * sizeof(float)); /* [chunk][group]: C·Bᵀ [Q][Q] (j ≤ l) */
+    float *cb = y ? malloc((size_t)(blocks * Q * Q) * sizeof(float)) : NULL; /* [chunk][group]: C·Bᵀ [Q][Q] (j ≤ l) */
     float *bt = malloc((size_t)(blocks * n * Q) * sizeof(float)); /* [chunk][group]: Bᵀ [n][Q] */
-    if (!cb || !bt) {
+    if ((y && !cb) || !bt) {
         free(cb);
         free(bt);
         return -2;
@@ -1055,7 +1059,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
             int64_t c = r / g, gi = r % g, c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
             float *btr = bt + r * n * Q;
             transpose(B + c0 * ldb + gi * n, ldb, q, n, btr, Q);
-            mm_acc(cb + r * Q * Q, Q, C + c0 * ldc + gi * n, ldc, btr, Q, q, n, q, MM_TRI_OUT, 1);
+            if (y) mm_acc(cb + r * Q * Q, Q, C + c0 * ldc + gi * n, ldc, btr, Q, q, n, q, MM_TRI_OUT, 1);
         }
         int64_t nQ = n > Q ? n : Q;
         float *ST = malloc((size_t)(n * p) * sizeof(float)); /* state, transposed [n][p] */
@@ -1071,7 +1075,7 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                 for (int64_t c = 0; c * Q < t; c++) {
                     int64_t c0 = c * Q, q = t - c0 < Q ? t - c0 : Q;
                     const float *cbc = cb + (c * g + gi) * Q * Q, *btc = bt + (c * g + gi) * n * Q;
-                    float *yc = y + (c0 * h + hd) * p; /* the chunk's first output row; rows ldy apart */
+                    float *yc = y ? y + (c0 * h + hd) * p : NULL; /* the chunk's first output row; rows ldy apart */
                     float acc = 0.0f;
                     for (int64_t l = 0; l < q; l++) {
                         float d = dt[(c0 + l) * lddt + hd];
@@ -1081,24 +1085,26 @@ int nm3_ssd_scan(int64_t t, int64_t h, int64_t p, int64_t g, int64_t n, int64_t 
                         const float *xl = x + (c0 + l) * ldx + hd * p;
                         for (int64_t cc = 0; cc < p; cc++) X[l * p + cc] = d * xl[cc];
                     }
-                    /* the entering state: y_l = e^(s_l)·(C_l · S) (the first write of y's rows) */
-                    for (int64_t l = 0; l < q; l++) {
-                        const float *Cl = C + (c0 + l) * ldc + gi * n;
-                        for (int64_t k = 0; k < n; k++) M[l * n + k] = es[l] * Cl[k];
-                    }
-                    mm_acc(yc, ldy, M, n, ST, p, q, n, p, MM_FULL, 1);
-                    /* intra-chunk: y_l += Σ_{j≤l} M[l][j]·X_j, M[l][j] = (C_l·B_j)·e^(s_l − s_j) (zero above the
-                     * diagonal to the end of each 4-row block, which mm_acc reads) */
-                    for (int64_t l = 0; l < q; l++) {
-                        float *row = M + l * Q;
-                        for (int64_t j = 0; j <= l; j++) {
-                            row[j] = cbc[l * Q + j];
-                            tmp[j] = s[l] - s[j]; /* ≤ 0: s falls as A < 0, Δ ≥ 0 */
+                    if (y) { /* the outputs (a states-only scan skips them) */
+                        /* the entering state: y_l = e^(s_l)·(C_l · S) (the first write of y's rows) */
+                        for (int64_t l = 0; l < q; l++) {
+                            const float *Cl = C + (c0 + l) * ldc + gi * n;
+                            for (int64_t k = 0; k < n; k++) M[l * n + k] = es[l] * Cl[k];
                         }
-                        mul_exp_nonpos(row, tmp, l + 1);
-                        for (int64_t j = l + 1; j < q && j < (l | 3) + 1; j++) row[j] = 0.0f;
+                        mm_acc(yc, ldy, M, n, ST, p, q, n, p, MM_FULL, 1);
+                        /* intra-chunk: y_l += Σ_{j≤l} M[l][j]·X_j, M[l][j] = (C_l·B_j)·e^(s_l − s_j) (zero above the
+                         * diagonal to the end of each 4-row block, which mm_acc reads) */
+                        for (int64_t l = 0; l < q; l++) {
+                            float *row = M + l * Q;
+                            for (int64_t j = 0; j <= l; j++) {
+                                row[j] = cbc[l * Q + j];
+                                tmp[j] = s[l] - s[j]; /* ≤ 0: s falls as A < 0, Δ ≥ 0 */
+                            }
+                            mul_exp_nonpos(row, tmp, l + 1);
+                            for (int64_t j = l + 1; j < q && j < (l | 3) + 1; j++) row[j] = 0.0f;
+                        }
+                        mm_acc(yc, ldy, M, Q, X, p, q, q, p, MM_TRI_A, 0);
                     }
-                    mm_acc(yc, ldy, M, Q, X, p, q, q, p, MM_TRI_A, 0);
                     /* S ← e^(s_last)·S + Bᵀ · X2, X2_j = e^(s_last − s_j)·X_j */
                     float last = s[q - 1], decay = expf(last);
                     for (int64_t j = 0; j < q; j++) tmp[j] = last - s[j];
@@ -1158,15 +1164,18 @@ static float sum_sq(const float *v, int64_t n) {
  *   Δ = clamp(softplus(dt + dt_bias), lo, hi);  y = SSD scan (nm3_ssd_scan) of x, Δ, A = −e^A_log, B, C
  *   out = norm_w ⊙ g / rms(g) per norm group,  g = (y + D·x) ⊙ silu(z)
  * proj [t, I + C + nh]: in_proj output rows (z | xbc | dt), ldp floats apart. conv_state [C, K−1] receives the
- * last K−1 inputs; ssm_state [nh, P, N] the final state; out [t, I]. The conv runs token-parallel over a
- * transposed copy of the weights, the element-wise passes once each over rows that stay in cache.
- * Returns 0, or -2 if scratch allocation fails. */
+ * last K−1 inputs; ssm_state [nh, P, N] the final state; out [outs, I] the last `outs` tokens' outputs: outs = t
+ * (all), 1 (the last token's, y = C_t·S_t + D·x_t from the final state after a states-only scan) or 0 (the states
+ * only). z is read for the output rows only. The conv runs token-parallel over a transposed copy of the weights,
+ * the element-wise passes once each over rows that stay in cache. Returns 0, -1 for outs not in {0, 1, t}, or
+ * -2 if scratch allocation fails. */
 int nm3_mamba_prefill(int64_t t, const float *proj, int64_t ldp, float *conv_state, float *ssm_state,
                       const float *conv_w, const float *conv_b, const float *dt_bias, const float *A_log,
                       const float *D, const float *norm_w, int64_t C, int64_t K, int64_t nh, int64_t P, int64_t N,
                       int64_t G, int64_t norm_groups, int64_t Q, float dt_lo, float dt_hi, float eps, float *out,
-                      int nthreads) {
+                      int64_t outs, int nthreads) {
     int64_t I = nh * P, gsize = I / norm_groups;
+    if (outs != t && outs != 0 && outs != 1) return -1;
     float *u = malloc((size_t)(t * C) * sizeof(float)), *delta = malloc((size_t)(t * nh) * sizeof(float));
     float *wt = malloc((size_t)(K * C) * sizeof(float)), *pre = malloc((size_t)((K > 1 ? K - 1 : 1) * C) * sizeof(float));
     float *A = malloc((size_t)nh * sizeof(float));
@@ -1205,15 +1214,26 @@ int nm3_mamba_prefill(int64_t t, const float *proj, int64_t ldp, float *conv_sta
             }
         FTZ_END
     }
-    rc = nm3_ssd_scan(t, nh, P, G, N, Q, u, C, delta, nh, A, u + I, C, u + I + G * N, C, ssm_state, out, nthreads);
+    rc = nm3_ssd_scan(t, nh, P, G, N, Q, u, C, delta, nh, A, u + I, C, u + I + G * N, C, ssm_state,
+                      outs == t ? out : NULL, nthreads);
     if (rc != 0) goto done;
+    if (outs == 1 && t > 1) { /* y_t = C_t · S_t per head (S [P][N], the final state) */
+        const float *Ct = u + (t - 1) * C + I + G * N;
+        for (int64_t hd = 0; hd < nh; hd++)
+            for (int64_t p = 0; p < P; p++) {
+                const float *S = ssm_state + (hd * P + p) * N, *Cg = Ct + hd / (nh / G) * N;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < N; k++) acc += S[k] * Cg[k];
+                out[hd * P + p] = acc;
+            }
+    }
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < t; i++) {
+        for (int64_t i = 0; i < outs; i++) {
             float *yi = out + i * I;
-            const float *xi = u + i * C, *zi = proj + i * ldp;
+            const float *xi = u + (t - outs + i) * C, *zi = proj + (t - outs + i) * ldp;
             float gate[gsize];
             for (int64_t hd = 0; hd < nh; hd++)
                 for (int64_t p = 0; p < P; p++) yi[hd * P + p] += D[hd] * xi[hd * P + p];

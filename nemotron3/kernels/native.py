@@ -52,7 +52,7 @@ _SIGNATURES = {
     "nm3_moe_dispatch": (ctypes.c_int, [_p, _i, _p, _i, _n, _f, _i, _i, _p, _i, _i, _p, _p, _p, _p, _n]),
     "nm3_moe_combine": (None, [_p, _i, _p, _p, _i, _i, _p, _i, _n]),
     "nm3_mamba_prefill": (
-        ctypes.c_int, [_i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _n],
+        ctypes.c_int, [_i, _p, _i, _p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _f, _f, _p, _i, _n],
     ),
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
     "nm3_prefill_attention": (ctypes.c_int, [_i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _f, _p, _i, _n]),
@@ -336,16 +336,24 @@ def mamba_step(
     return out
 
 
+MAMBA_OUTPUTS = ("all", "last", "none")
+
+
 def mamba_prefill(
-    mixer, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, dt_range: tuple[float, float]
+    mixer, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, dt_range: tuple[float, float],
+    outputs: str = "all",
 ) -> torch.Tensor | None:  # fmt: skip
     """A Mamba2Mixer's prefill of one sequence (conv, SiLU, SSD scan, D skip, gated norm: `mix` with decode=False)
     in one call, advancing both states in place: the normed output [t, I] float32, or None where the kernel
     cannot run.
 
     proj: [t, I + C + nh] in_proj output rows (z | xbc | dt), unit stride within a row; conv_state [C, K-1] and
-    ssm_state [nh, P, N] contiguous float32 (one pool slot each); dt_range: (lo, hi) clamp of Δ.
+    ssm_state [nh, P, N] contiguous float32 (one pool slot each); dt_range: (lo, hi) clamp of Δ. outputs "last"
+    returns the last token's row only [1, I] (computed from the final state, so the scan forms no outputs) and
+    "none" [0, I] (the states only); z is read only in the rows returned.
     """
+    if outputs not in MAMBA_OUTPUTS:
+        raise ValueError(f"outputs must be one of {MAMBA_OUTPUTS}, got {outputs!r}")
     lib = library()
     if lib is None or proj.dim() != 2 or not _usable(proj, conv_state, ssm_state) or proj.stride(-1) != 1:
         return None
@@ -353,10 +361,11 @@ def mamba_prefill(
     if static is None or not (conv_state.is_contiguous() and ssm_state.is_contiguous()):
         return None
     t = proj.shape[0]
-    out = torch.empty(t, mixer.inner, dtype=torch.float32)
+    outs = {"all": t, "last": min(t, 1), "none": 0}[outputs]
+    out = torch.empty(outs, mixer.inner, dtype=torch.float32)
     rc = lib.nm3_mamba_prefill(
         t, proj.data_ptr(), proj.stride(0), conv_state.data_ptr(), ssm_state.data_ptr(), *static,
-        mixer.chunk_size, dt_range[0], dt_range[1], mixer.norm.eps, out.data_ptr(), torch.get_num_threads(),
+        mixer.chunk_size, dt_range[0], dt_range[1], mixer.norm.eps, out.data_ptr(), outs, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("nm3_mamba_prefill: scratch allocation failed")

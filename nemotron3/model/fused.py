@@ -42,6 +42,11 @@ def fast_path_on() -> bool:
     return getattr(_state, "on", False)
 
 
+def fast_path_precision() -> str:
+    """The float32 matmul precision the fast path runs under ("highest" outside it)."""
+    return getattr(_state, "precision", "highest") if fast_path_on() else "highest"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
     applies (a few rows, float32 x, K-major float32 or bfloat16 weight), or its AMX GEMM for many rows under a

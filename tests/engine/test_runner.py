@@ -6,6 +6,7 @@ import torch
 from nemotron3 import SamplingParams
 from nemotron3.config import ModelConfig, pattern_to_kinds
 from nemotron3.engine.llm import LLM
+from nemotron3.kernels import native
 from nemotron3.model import NemotronHForCausalLM
 
 PROMPT_LENS = (13, 30, 1, 21)
@@ -57,6 +58,19 @@ def test_rows_after_the_last_cached_block_give_the_same_logits(pattern, cut, bud
             assert la.keys() == lb.keys()
             for t in la:
                 assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("budget", [512, 7])
+def test_the_cut_without_native_kernels(budget, monkeypatch):
+    """With the native kernels off, the cut Mamba layer's chunks take the torch scan over every row (z unset in
+    the rows the cut leaves out) and keep the sampling rows."""
+    monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
+    native.reset()
+    try:
+        test_rows_after_the_last_cached_block_give_the_same_logits("MEM*EME", 5, budget)
+    finally:
+        monkeypatch.delenv("NEMOTRON3_NATIVE")
+        native.reset()
 
 
 def test_the_last_block_sees_only_the_sampling_rows():

@@ -221,16 +221,25 @@ def test_mamba_step_matches_float64_on_scattered_slots(lo_hi):
 @needs_native
 @pytest.mark.parametrize(("t", "portable"), [(1, False), (2, False), (45, False), (130, False), (45, True)])
 @pytest.mark.parametrize("lo_hi", [(1e-3, math.inf), (0.05, 0.4)])
-def test_mamba_prefill_matches_the_float64_recurrence(t, portable, lo_hi):
+@pytest.mark.parametrize("outputs", native.MAMBA_OUTPUTS)
+def test_mamba_prefill_matches_the_float64_recurrence(t, portable, lo_hi, outputs):
     """The fused prefill (conv from the entering window, SiLU, chunked scan, D skip, gated norm) against the
     decode step's float64 reference applied token by token from the same states. t = 1 and 2 are shorter than
     the conv window (K − 1 = 3), so the new window mixes old state and new inputs; 45 and 130 are not multiples
-    of the chunk (16). `portable`: the plain-C build (-mno-avx512f)."""
+    of the chunk (16). `portable`: the plain-C build (-mno-avx512f). outputs "last" / "none": the last token's
+    row (from the final state) or none, the states the same; z is NaN in the rows not returned, so reading it
+    would show."""
     with plain_c_build(portable):
-        _check_mamba_prefill(t, lo_hi)
+        _check_mamba_prefill(t, lo_hi, outputs)
 
 
-def _check_mamba_prefill(t, lo_hi):
+def test_mamba_prefill_rejects_unknown_outputs():
+    mixer = random_mixer(torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="outputs"):
+        native.mamba_prefill(mixer, torch.zeros(2, 8), torch.zeros(1), torch.zeros(1), (0.0, 1.0), outputs="first")
+
+
+def _check_mamba_prefill(t, lo_hi, outputs="all"):
     g = torch.Generator().manual_seed(3)
     mixer = random_mixer(g, chunk_size=16)
     conv = torch.randn(mixer.conv_dim, mixer.kernel - 1, generator=g)
@@ -241,10 +250,13 @@ def _check_mamba_prefill(t, lo_hi):
     for i in range(t):
         out_i, ref_conv, ref_ssm = mamba_step_ref(mixer, proj[i : i + 1], ref_conv, ref_ssm, lo_hi)
         ref_out.append(out_i)
+    kept = {"all": t, "last": 1, "none": 0}[outputs]
+    proj[: t - kept, : mixer.inner] = math.nan  # z of the rows not returned
     with torch.inference_mode():
-        out = native.mamba_prefill(mixer, proj, conv, ssm, lo_hi)
-    assert out is not None and out.shape == (t, mixer.inner)
-    assert_close_rel(out, torch.cat(ref_out), RTOL, f"prefill output t={t}")
+        out = native.mamba_prefill(mixer, proj, conv, ssm, lo_hi, outputs)
+    assert out is not None and out.shape == (kept, mixer.inner)
+    if kept:
+        assert_close_rel(out, torch.cat(ref_out)[t - kept :], RTOL, f"prefill output t={t}")
     assert_close_rel(conv, ref_conv[0], RTOL, "conv window")
     assert_close_rel(ssm, ref_ssm[0], RTOL, "ssm state")
 
