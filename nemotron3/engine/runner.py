@@ -212,8 +212,10 @@ class ModelRunner:
         layers = backbone.layers
         hidden, x = add_norm(backbone.embeddings(ids)[None], None, layers[0].norm)
         cut = self.last_cached_layer if rows is not None and len(rows) < ids.numel() else None
-        if cut == -1:
+        if cut == -1:  # no block holds a cache: every block needs only the sampling rows
             hidden, x = hidden[:, rows], x[:, rows]
+            if not rows:
+                return hidden
         for i, block in enumerate(layers):
             if self.kinds[i] == MAMBA:
                 if i == cut and mamba == self._mamba:  # the mixer's outputs (and out_proj) for the kept rows only
