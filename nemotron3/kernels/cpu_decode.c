@@ -993,7 +993,8 @@ int nm3_prefill_attention(int64_t Tq, int64_t Tk, const float *q, int64_t ldq, c
                         int64_t vis = off + t0 + r % nt + 1 - k0; /* keys of this block that row r sees */
                         vis = vis < nk ? (vis > 0 ? vis : 0) : nk;
                         if (vis > 0) {
-                            float mt = max_of(sr, vis, M[r]), corr = expf(M[r] - mt); /* 0 on the first block */
+                            float mt = max_of(sr, vis, M[r]); /* corr: 0 on the first block, 1 if the max held */
+                            float corr = mt == M[r] ? 1.0f : expf(M[r] - mt);
                             l[r] = l[r] * corr + exp_sub_sum(sr, vis, mt);
                             M[r] = mt;
                             if (corr != 1.0f)

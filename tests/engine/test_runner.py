@@ -73,6 +73,33 @@ def test_the_cut_without_native_kernels(budget, monkeypatch):
         native.reset()
 
 
+def test_a_mamba_step_of_another_runner_is_cut_after_it():
+    """run_layers with a Mamba callback other than the runner's own (as the speculative runner passes) keeps the
+    callback's whole output and cuts it to the rows afterwards: same tokens and log-probs as the uncut runner."""
+    model = model_with("MEM*EME")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    cut_llm, full_llm = (LLM(model, max_num_batched_tokens=7, max_num_seqs=4) for _ in range(2))
+    runner, calls = cut_llm.engine.runner, []
+    run_layers = runner.run_layers
+
+    def foreign(segments, n_dec, mamba, rows=None):
+        def step(*args):
+            calls.append(args[0])
+            return mamba(*args)
+
+        return run_layers(segments, n_dec, step, rows)
+
+    runner.run_layers = foreign
+    full_llm.engine.runner.last_cached_layer = None
+    got, want = generate(cut_llm, prompts), generate(full_llm, prompts)
+    assert 5 in calls  # the cut layer (index 5) ran through the foreign callback
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert all(la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-5) for t in la)
+
+
 def test_the_last_block_sees_only_the_sampling_rows():
     """A 30-token prompt prefilled in chunks of 8, the last block's mixer and the first one's in_proj hooked: the
     chunks that do not sample never reach the last block, the final chunk brings it one row; the first block
