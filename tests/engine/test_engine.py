@@ -105,11 +105,12 @@ def test_preemption_recomputes_and_matches(models, prompts, reference):
     assert len(engine.cache.free_blocks) == 6 and len(engine.cache.free_slots) == 5
 
 
-def wide_random_model(seed: int) -> NemotronHForCausalLM:
-    """Our CONFIG model with its matrices drawn wider than init (N(0, 0.08)), so that rounding them or the
-    products (bf16 weights, a bf16 K/V cache, bf16 matmul products) moves the logits visibly."""
+def wide_random_model(seed: int, config: ModelConfig = CONFIG) -> NemotronHForCausalLM:
+    """A model of `config` (our CONFIG) with its matrices drawn wider than init (N(0, 0.08)), so that rounding
+    them or the products (bf16 weights, a bf16 K/V cache, bf16 matmul products), or a row mixed up with
+    another, moves the logits visibly."""
     torch.manual_seed(seed)
-    m = NemotronHForCausalLM(CONFIG).eval()
+    m = NemotronHForCausalLM(config).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() >= 2:

@@ -8,13 +8,13 @@ from nemotron3.config import ModelConfig, pattern_to_kinds
 from nemotron3.engine.llm import LLM
 from nemotron3.kernels import native
 from nemotron3.model import NemotronHForCausalLM
+from tests.engine.test_engine import wide_random_model
 
 PROMPT_LENS = (13, 30, 1, 21)
 
 
 def model_with(pattern: str, seed: int = 0) -> NemotronHForCausalLM:
-    """A small random model of `pattern`, its matrices drawn wide (N(0, 0.08)) so that the logits spread and a
-    row mixed up with another would change them visibly."""
+    """A small random model of `pattern` with wide matrices (test_engine.wide_random_model)."""
     config = ModelConfig(
         vocab_size=256, hidden_size=64, layers_block_type=pattern_to_kinds(pattern), num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2,
@@ -22,13 +22,7 @@ def model_with(pattern: str, seed: int = 0) -> NemotronHForCausalLM:
         moe_shared_expert_intermediate_size=48, moe_latent_size=32, intermediate_size=96,
         max_position_embeddings=256,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = NemotronHForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return model
+    return wide_random_model(seed, config)
 
 
 def generate(llm: LLM, prompts: list[list[int]]):
