@@ -218,21 +218,20 @@ class ModelRunner:
                 return hidden
         for i, block in enumerate(layers):
             if self.kinds[i] == MAMBA:
-                if i == cut and mamba == self._mamba:  # the mixer's outputs (and out_proj) for the kept rows only
-                    y, hidden = self._mamba(i, block.mixer, x, segments, offsets, n_dec, rows), hidden[:, rows]
-                elif i == cut:
-                    y, hidden = mamba(i, block.mixer, x, segments, offsets, n_dec)[:, rows], hidden[:, rows]
+                if i == cut and mamba == self._mamba:  # the runner's own step forms the kept rows only
+                    y = self._mamba(i, block.mixer, x, segments, offsets, n_dec, rows)
                 else:
                     y = mamba(i, block.mixer, x, segments, offsets, n_dec)
                 out = apply(block.mixer.out_proj, y.to(x.dtype))
             elif self.kinds[i] == ATTENTION:
                 out = self._attention(i, block.mixer, x, segments, offsets, write_idx)
-                if i == cut:
-                    out, hidden = out[:, rows], hidden[:, rows]
             else:
                 out = block.mixer(x)
-            if i == cut and not rows:  # nothing samples: the later blocks have nothing to do
-                return hidden
+            if i == cut:  # from here on, the kept rows only (the runner's own Mamba step already formed just those)
+                hidden = hidden[:, rows]
+                out = out if out.shape[1] == len(rows) else out[:, rows]
+                if not rows:  # nothing samples: the later blocks have nothing to do
+                    return hidden
             if i + 1 == len(layers):
                 hidden = hidden + out
                 break
