@@ -351,12 +351,13 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> tuple[float, float 
     return time.perf_counter() - t0, load
 
 
-def run_worker(script: Path, spec: dict, timeout: float, quiet_wait_s: float = 0.0) -> dict:
+def run_worker(script: Path, spec: dict, timeout: float, quiet_wait_s: float = 0.0, python: str | None = None) -> dict:
     """Run one scenario in a fresh process (so ru_maxrss is that scenario's peak); return its JSON.
 
     Also records how much CPU *other* processes used meanwhile (`foreign_cpus`: the machine's busy CPU
     seconds minus the worker's own, per wall second). On this 2-vCPU VM a second busy process stalls
-    torch's 2-thread OpenMP regions and can slow small ops 10x or more (perf.md §6).
+    torch's 2-thread OpenMP regions and can slow small ops 10x or more (perf.md §6). `python`: the
+    interpreter (default: this one; bench_llamacpp.py may run llama.cpp's worker under another venv's).
     """
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -367,7 +368,7 @@ def run_worker(script: Path, spec: dict, timeout: float, quiet_wait_s: float = 0
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, str(script), "--worker", json.dumps(spec)],
+            [python or sys.executable, str(script), "--worker", json.dumps(spec)],
             check=False, capture_output=True, text=True, timeout=timeout, env=env,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
