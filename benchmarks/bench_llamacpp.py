@@ -18,9 +18,12 @@ Writes benchmarks/results/llamacpp.json (+ llamacpp.png with matplotlib). Method
   16k) and prefills with its default (auto: 0.9 vs 1.0 s at 2048).
 * (a) batch-1 decode after the same 512-token prompt, 33 greedy tokens, median of the steps after the
   first 2. Ours: `LLMEngine.step()` wall time. llama.cpp: one `llama_decode` plus a numpy argmax.
-* (b) batch-1 prefill of 2048 tokens: median of 3 calls after a warm-up. Ours: `LLM.generate(max_tokens=1)`
+* (b) aggregate decode of nemo50 with 8 and 32 concurrent 512-token requests: batch / the median time of
+  the steps where all of them decode. Ours: one `LLM.generate` (continuous batching). llama.cpp: one context
+  with a sequence per request, each prefilled, then one `llama_decode` of all of them per step.
+* (c) batch-1 prefill of 2048 tokens: median of 3 calls after a warm-up. Ours: `LLM.generate(max_tokens=1)`
   with a 2048-token budget. llama.cpp: 512-token `llama_decode` batches, its default micro-batch.
-* (c) nemo50 decode at 512 and 32k context in one process, alternating blocks of 4 steps (bench_engine's
+* (d) nemo50 decode at 512 and 32k context in one process, alternating blocks of 4 steps (bench_engine's
   w_context_pair): the growth ratio. float32 K/V in both, then our bfloat16 pool beside llama.cpp's f16 one.
 """
 
@@ -47,18 +50,20 @@ KV_PAIRS = {  # label: (llama.cpp K/V type, our kv_cache_dtype)
     "fp32 K/V": ("f32", "auto"),
     "half K/V (bf16 / f16)": ("f16", "bfloat16"),
 }
-FLASH_ATTN = {"decode": "off", "context_pair": "off", "prefill": "auto"}  # llama.cpp's faster setting here
+# llama.cpp's flash attention per scenario: its faster setting here (llamacpp_worker.py's docstring)
+FLASH_ATTN = {"decode": "off", "concurrency": "off", "context_pair": "off", "prefill": "auto"}
 
 
 def plan(mode: str) -> dict:
-    full = {"models": list(MODELS), "reps": 4, "dec_prompt": 512, "prefill": 2048, "prefill_calls": 3,
-            "pair": dict(PAIR), "pair_reps": 2, "worker_timeout": 560, "quiet_wait_s": 20}  # fmt: skip
+    full = {"models": list(MODELS), "reps": 4, "dec_prompt": 512, "conc": [8, 32], "prefill": 2048,
+            "prefill_calls": 3, "pair": dict(PAIR), "pair_reps": 2, "worker_timeout": 560,
+            "quiet_wait_s": 20}  # fmt: skip
     if mode == "quick":
         return {**full, "reps": 2, "pair": None, "quiet_wait_s": 10}
     if mode == "smoke":  # tiny configs: checks the plumbing in seconds
         pair = {**PAIR, "model": "tiny50", "base": 32, "prompt": 128, "blocks": 2}
-        return {"models": ["tiny50"], "reps": 1, "dec_prompt": 64, "prefill": 64, "prefill_calls": 1, "pair": pair,
-                "pair_reps": 1, "worker_timeout": 120, "quiet_wait_s": 0}  # fmt: skip
+        return {"models": ["tiny50"], "reps": 1, "dec_prompt": 64, "conc": [4], "prefill": 64, "prefill_calls": 1,
+                "pair": pair, "pair_reps": 1, "worker_timeout": 120, "quiet_wait_s": 0}  # fmt: skip
     return full
 
 
@@ -140,7 +145,7 @@ def cell(ours: list[dict], llama: list[dict], key: str, higher_is_better: bool) 
 
 
 def run_all(r: Runner, P: dict) -> dict:
-    results: dict = {"decode_b1": {}, "prefill": {}, "context_pair": {}}
+    results: dict = {"decode_b1": {}, "concurrency": {}, "prefill": {}, "context_pair": {}}
     for name in P["models"]:
         vocab = C.config(name).vocab_size
         prompt = C.random_prompt(P["dec_prompt"], vocab, seed=100)  # the prompt bench_engine's w_decode makes
@@ -152,6 +157,13 @@ def run_all(r: Runner, P: dict) -> dict:
         c["greedy_tokens_identical"] = bool(agree) and all(agree)
         c["bytes_per_step"] = C.decode_bytes(C.config(name), len(prompt))["total"]
         results["decode_b1"][name] = c
+    name = P["models"][0]  # nemo50 (tiny50 in the smoke run)
+    for B in P["conc"]:
+        spec = {"model": name, "batch": B, "prompt": P["dec_prompt"]}
+        ours = {**spec, "scenario": "decode"}
+        llama = {**spec, "scenario": "concurrency", "new": 33, "drop": 2}
+        runs = [r.pair(i, ours, llama) for i in range(P["reps"])]
+        results["concurrency"][f"{name} x{B}"] = cell([x for x, _ in runs], [y for _, y in runs], "tok_s", True)
     for name in P["models"]:
         spec = {"scenario": "prefill", "model": name, "prompt": P["prefill"], "calls": P["prefill_calls"]}
         runs = [r.pair(i, spec, spec) for i in range(P["reps"])]
@@ -178,6 +190,11 @@ def summary_lines(data: dict) -> list[str]:
             f"decode b1 {name}: ours {_f(c['ours_median'], 2)} ms, llama.cpp {_f(c['llama_median'], 2)} ms -> ours "
             f"{_f(c['ours_speedup'], 2)}x (pairs {', '.join(_f(x, 2) for x in c['paired_speedups'])}); "
             f"greedy tokens identical: {c['greedy_tokens_identical']}"
+        )
+    for name, c in res["concurrency"].items():
+        out.append(
+            f"concurrent {name}: ours {_f(c['ours_median'], 0)} tok/s, llama.cpp {_f(c['llama_median'], 0)} -> ours "
+            f"{_f(c['ours_speedup'], 2)}x"
         )
     for name, c in res["prefill"].items():
         out.append(
@@ -212,12 +229,14 @@ def plot(data: dict, path: Path) -> bool:
     panels = [
         ("batch-1 decode tok/s @512", {n: (1e3 / c["ours_median"], 1e3 / c["llama_median"])
                                        for n, c in res["decode_b1"].items() if both(c)}),
+        ("aggregate decode tok/s, N concurrent", {n: (c["ours_median"], c["llama_median"])
+                                                   for n, c in res.get("concurrency", {}).items() if both(c)}),
         (f"prefill tok/s @{data['plan']['prefill']}", {n: (c["ours_median"], c["llama_median"])
                                                       for n, c in res["prefill"].items() if both(c)}),
         ("decode time 32k / 512 (one process)", {kv: (c["growth"]["ours_median"], c["growth"]["llama_median"])
                                                  for kv, c in res["context_pair"].items() if both(c["growth"])}),
     ]  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     for ax, (title, vals) in zip(axes, panels):
         names = list(vals)
         xs = range(len(names))

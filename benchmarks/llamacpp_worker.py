@@ -33,45 +33,55 @@ def peak_rss_mib() -> float | None:
 
 
 class Session:
-    """A llama.cpp model and one context (one sequence), with greedy stepping."""
+    """A llama.cpp model and one context holding `n_seq` sequences, with greedy stepping."""
 
-    def __init__(self, model, n_ctx: int, vocab: int, threads: int, kv: str, flash_attn: str):
+    def __init__(self, model, n_ctx: int, vocab: int, threads: int, kv: str, flash_attn: str, n_seq: int = 1):
         import llama_cpp as L
 
         self.L, self.vocab = L, vocab
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = UBATCH
-        cp.n_seq_max = 1
+        cp.n_batch = cp.n_ubatch = max(UBATCH, n_seq)
+        cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = threads
         cp.type_k = cp.type_v = KV_TYPES[kv]
         cp.flash_attn_type = FLASH_ATTN[flash_attn]
         self.ctx = L.llama_init_from_model(model, cp)
         if not self.ctx:
             raise RuntimeError("llama_init_from_model failed")
-        self.batch = L.llama_batch_init(UBATCH, 0, 1)
-        self.pos = 0
+        self.batch = L.llama_batch_init(max(UBATCH, n_seq), 0, 1)
+        self.pos = [0] * n_seq
 
-    def feed(self, tokens: list[int]) -> int:
-        """Decode `tokens` at the next positions; returns the greedy next token after the last."""
+    def _decode(self, tokens: list[int], seqs: list[int], sample: list[bool]) -> list[int]:
+        """One llama_decode of tokens[i] for sequence seqs[i]; the greedy next token of each sampled row."""
         b = self.batch
         b.n_tokens = len(tokens)
-        for i, t in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i] = int(t), self.pos + i, 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i == len(tokens) - 1
+        for i, (t, s) in enumerate(zip(tokens, seqs)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), self.pos[s], 1, sample[i]
+            b.seq_id[i][0] = s
+            self.pos[s] += 1
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        self.pos += len(tokens)
-        logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab,))
-        return int(logits.argmax())
+        out = []
+        for i in (i for i, x in enumerate(sample) if x):
+            logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))
+            out.append(int(logits.argmax()))
+        return out
 
-    def prefill(self, prompt: list[int]) -> int:
-        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        self.pos = 0
+    def feed(self, tokens: list[int], seq: int = 0) -> int:
+        """Decode `tokens` of one sequence at its next positions; returns the greedy next token after the last."""
+        return self._decode(tokens, [seq] * len(tokens), [i == len(tokens) - 1 for i in range(len(tokens))])[0]
+
+    def step(self, tokens: list[int]) -> list[int]:
+        """One decode step of every sequence (token i to sequence i) in one batch; their greedy next tokens."""
+        return self._decode(tokens, list(range(len(tokens))), [True] * len(tokens))
+
+    def prefill(self, prompt: list[int], seq: int = 0) -> int:
+        self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq, -1, -1)
+        self.pos[seq] = 0
         for a in range(0, len(prompt), UBATCH):
-            tok = self.feed(prompt[a : a + UBATCH])
+            tok = self.feed(prompt[a : a + UBATCH], seq)
         return tok
 
 
@@ -157,7 +167,22 @@ def context_pair(spec: dict) -> dict:
             "setup_s": setup_s}  # fmt: skip
 
 
-SCENARIOS = {"decode": decode, "prefill": prefill, "context_pair": context_pair}
+def concurrency(spec: dict) -> dict:
+    """`batch` sequences of `prompt` random tokens, each prefilled, then `new` steps that decode all of them in
+    one batch; aggregate tok/s = batch / the median step time after the first `drop`."""
+    vocab, B, n, new, drop = spec["vocab"], spec["batch"], spec["prompt"], spec["new"], spec["drop"]
+    s = Session(load(spec["gguf"]), B * (n + new + 8), vocab, spec["threads"], spec["kv"], spec["flash_attn"], B)
+    last = [s.prefill(_random(n, vocab, 100 + i), i) for i in range(B)]
+    steps = []
+    for _ in range(new - 1):
+        t0 = time.perf_counter()
+        last = s.step(last)
+        steps.append(time.perf_counter() - t0)
+    ms = _median(steps[drop:]) * 1e3
+    return {"step_ms": [x * 1e3 for x in steps], "median_ms": ms, "tok_s": B / ms * 1e3}
+
+
+SCENARIOS = {"decode": decode, "prefill": prefill, "context_pair": context_pair, "concurrency": concurrency}
 
 
 def main(argv: list[str]) -> int:

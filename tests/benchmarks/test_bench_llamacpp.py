@@ -176,5 +176,8 @@ def test_smoke_against_llama_cpp(bench, tmp_path, capsys):
         pytest.skip("llama-cpp-python is not installed (not in CI: a ~5 min source build); LLAMA_PYTHON names one")
     assert bench.main(["--smoke", "--llama-python", LLAMA_PYTHON, "--out", str(tmp_path), "--no-plot"]) == 0
     data = json.loads((tmp_path / "llamacpp.json").read_text())
-    assert data["results"]["decode_b1"]["tiny50"]["greedy_tokens_identical"]
+    res = data["results"]
+    assert res["decode_b1"]["tiny50"]["greedy_tokens_identical"]
+    assert res["concurrency"]["tiny50 x4"]["ours_median"] and res["concurrency"]["tiny50 x4"]["llama_median"]
+    assert set(res["context_pair"]) == {"fp32 K/V", "half K/V (bf16 / f16)"}
     assert not any("error" in x for x in data["raw"])
