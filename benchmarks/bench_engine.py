@@ -453,8 +453,7 @@ class Runner:
         return res
 
 
-def _f(x, nd=1):
-    return "-" if x is None else f"{x:.{nd}f}"
+_f = C.fmt
 
 
 def ab(r: Runner, rep: int, **spec) -> tuple[dict, dict]:
@@ -817,14 +816,11 @@ def _pct(x):
 
 
 def plot(data: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
+    plt = C.pyplot()
+    if plt is None:
         return False
+    import matplotlib.ticker
+
     res, P = data["results"], data["plan"]
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
     # decode b1
@@ -919,10 +915,7 @@ def plot(data: dict, path: Path) -> bool:
         f"nemotron3 vs transformers {m.get('transformers')} — fp32, {m['torch_threads']} threads, {m['cpu']}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.save_png(plt, fig, path)
     return True
 
 

@@ -187,42 +187,34 @@ def summary_lines(data: dict) -> list[str]:
     res, out = data["results"], []
     for name, c in res["decode_b1"].items():
         out.append(
-            f"decode b1 {name}: ours {_f(c['ours_median'], 2)} ms, llama.cpp {_f(c['llama_median'], 2)} ms -> ours "
-            f"{_f(c['ours_speedup'], 2)}x (pairs {', '.join(_f(x, 2) for x in c['paired_speedups'])}); "
+            f"decode b1 {name}: ours {C.fmt(c['ours_median'], 2)} ms, llama.cpp {C.fmt(c['llama_median'], 2)} ms -> ours "
+            f"{C.fmt(c['ours_speedup'], 2)}x (pairs {', '.join(C.fmt(x, 2) for x in c['paired_speedups'])}); "
             f"greedy tokens identical: {c['greedy_tokens_identical']}"
         )
     for name, c in res["concurrency"].items():
         out.append(
-            f"concurrent {name}: ours {_f(c['ours_median'], 0)} tok/s, llama.cpp {_f(c['llama_median'], 0)} -> ours "
-            f"{_f(c['ours_speedup'], 2)}x"
+            f"concurrent {name}: ours {C.fmt(c['ours_median'], 0)} tok/s, llama.cpp {C.fmt(c['llama_median'], 0)} -> ours "
+            f"{C.fmt(c['ours_speedup'], 2)}x"
         )
     for name, c in res["prefill"].items():
         out.append(
-            f"prefill {data['plan']['prefill']} {name}: ours {_f(c['ours_median'], 0)} tok/s, llama.cpp "
-            f"{_f(c['llama_median'], 0)} -> ours {_f(c['ours_speedup'], 2)}x"
+            f"prefill {data['plan']['prefill']} {name}: ours {C.fmt(c['ours_median'], 0)} tok/s, llama.cpp "
+            f"{C.fmt(c['llama_median'], 0)} -> ours {C.fmt(c['ours_speedup'], 2)}x"
         )
     for kv, c in res["context_pair"].items():
         g, b, l_ = c["growth"], c["base_ms"], c["long_ms"]
         out.append(
-            f"context 32k vs 512, {kv}: growth ours {_f(g['ours_median'], 3)}, llama.cpp "
-            f"{_f(g['llama_median'], 3)}; base ms {_f(b['ours_median'], 2)} / {_f(b['llama_median'], 2)}, "
-            f"long ms {_f(l_['ours_median'], 2)} / {_f(l_['llama_median'], 2)}"
+            f"context 32k vs 512, {kv}: growth ours {C.fmt(g['ours_median'], 3)}, llama.cpp "
+            f"{C.fmt(g['llama_median'], 3)}; base ms {C.fmt(b['ours_median'], 2)} / {C.fmt(b['llama_median'], 2)}, "
+            f"long ms {C.fmt(l_['ours_median'], 2)} / {C.fmt(l_['llama_median'], 2)}"
         )
     return out
 
 
-def _f(x, nd=1) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
 def plot(data: dict, path: Path) -> bool:
     """Bars: decode tok/s, prefill tok/s and the context growth, ours beside llama.cpp."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = C.pyplot()
+    if plt is None:
         return False
     res = data["results"]
     both = lambda c: c["ours_median"] and c["llama_median"]
@@ -246,10 +238,7 @@ def plot(data: dict, path: Path) -> bool:
         ax.set_title(title, fontsize=10)
     axes[0].legend()
     fig.suptitle(f"nemotron3 vs llama.cpp, same fp32 weights, 2 threads ({data['date']})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.save_png(plt, fig, path)
     return True
 
 

@@ -421,6 +421,31 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_png(plt, fig, path: Path) -> None:
+    """Lay out, write (making the directory) and close a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    """x with nd decimals, or "-" for a missing value (summary lines)."""
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")

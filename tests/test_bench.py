@@ -4,16 +4,14 @@ Timings are not checked (the CI machine is noisy, research/perf.md §6); only th
 produced and lands in the output with the documented fields.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from nemotron3.cli import main
 from nemotron3.kernels import native
+from tests.benchmarks.helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,21 +44,6 @@ def test_cli_bench_table_and_errors(capsys):
     assert "(bf16 matrices), K/V bfloat16" in capsys.readouterr().out
     assert main(["bench", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
-
-
-def benchmark_module(name: str):
-    """benchmarks/<name>.py as a module (it puts benchmarks/ on sys.path for its `common`); restores sys.path,
-    the modules and the thread count afterwards."""
-    threads, path = torch.get_num_threads(), list(sys.path)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    for mod in (name, "common"):
-        sys.modules.pop(mod, None)
-    sys.path[:] = path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ in CI (a ~5 min source build); where it is, the smoke run checks that it returns
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -17,34 +16,22 @@ import numpy as np
 import pytest
 import torch
 
+from tests.benchmarks.helpers import benchmark_module
+
 gguf = pytest.importorskip("gguf")
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", sys.executable)  # an interpreter with llama-cpp-python, if any
 
 
-def _module(name: str):
-    """benchmarks/<name>.py as a module; sys.path, sys.modules and the thread count restored afterwards."""
-    threads, path = torch.get_num_threads(), list(sys.path)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    yield module
-    for mod in (name, "common", "gguf_export"):
-        sys.modules.pop(mod, None)
-    sys.path[:] = path
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bench():
-    yield from _module("bench_llamacpp")
+    yield from benchmark_module("bench_llamacpp", "gguf_export")
 
 
 @pytest.fixture(scope="module")
 def export():
-    yield from _module("gguf_export")
+    yield from benchmark_module("gguf_export")
 
 
 def _tiny_model(pattern: str = "MEME*EME", seed: int = 0):
