@@ -187,14 +187,14 @@ def summary_lines(data: dict) -> list[str]:
     res, out = data["results"], []
     for name, c in res["decode_b1"].items():
         out.append(
-            f"decode b1 {name}: ours {C.fmt(c['ours_median'], 2)} ms, llama.cpp {C.fmt(c['llama_median'], 2)} ms -> ours "
-            f"{C.fmt(c['ours_speedup'], 2)}x (pairs {', '.join(C.fmt(x, 2) for x in c['paired_speedups'])}); "
+            f"decode b1 {name}: ours {C.fmt(c['ours_median'], 2)} ms, llama.cpp {C.fmt(c['llama_median'], 2)} ms "
+            f"-> ours {C.fmt(c['ours_speedup'], 2)}x (pairs {', '.join(C.fmt(x, 2) for x in c['paired_speedups'])}); "
             f"greedy tokens identical: {c['greedy_tokens_identical']}"
         )
     for name, c in res["concurrency"].items():
         out.append(
-            f"concurrent {name}: ours {C.fmt(c['ours_median'], 0)} tok/s, llama.cpp {C.fmt(c['llama_median'], 0)} -> ours "
-            f"{C.fmt(c['ours_speedup'], 2)}x"
+            f"concurrent {name}: ours {C.fmt(c['ours_median'], 0)} tok/s, llama.cpp {C.fmt(c['llama_median'], 0)} "
+            f"-> ours {C.fmt(c['ours_speedup'], 2)}x"
         )
     for name, c in res["prefill"].items():
         out.append(

@@ -5,7 +5,9 @@ the tensor transforms are those llama.cpp's nemotron-h loader reads (research/pe
 A = −exp(A_log) and D as [heads, 1]; the conv weight [C, 1, K] as [C, K]; the gated norm's weight [d_inner]
 as [groups, d_inner / groups]; the stacked experts [E, I, L] and [E, L, I] as they are. Layer kinds are
 per-layer arrays: a Mamba layer has feed_forward_length 0 and head_count_kv 0, an attention layer
-head_count_kv > 0, a MoE layer feed_forward_length > 0. Needs PyPI `gguf` (the `bench` extra).
+head_count_kv > 0, a MoE layer feed_forward_length > 0. llama.cpp's Mamba-2 graph (0.3.36) clamps no Δt, which
+matches the default time_step_limit (0, inf); a model with a finite limit would differ there. Needs PyPI `gguf`
+(the `bench` extra).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def _check(config) -> None:
         )
     if "E" not in pattern:
         raise ValueError(f"hybrid_override_pattern {pattern!r}: a nemotron_h_moe GGUF needs at least one MoE layer")
+    biased = [name for name in ("attention_bias", "mamba_proj_bias", "use_bias") if getattr(config, name, False)]
+    if biased:
+        raise ValueError(f"{', '.join(biased)}: this export writes no projection biases (released models have none)")
 
 
 def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:

@@ -134,6 +134,10 @@ def test_gguf_export_refuses_layers_nemotron_h_moe_cannot_hold(export, tmp_path)
     with pytest.raises(ValueError, match="hybrid_override_pattern"):
         export.export_gguf(model, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+    model = _tiny_model()
+    model.config.attention_bias = True  # the check reads the config: a biased model must not lose its biases
+    with pytest.raises(ValueError, match="attention_bias"):
+        export.export_gguf(model, tmp_path / "y.gguf")
 
 
 def test_cell_pairs_only_runs_where_both_engines_answered(bench):
