@@ -18,6 +18,8 @@ Writes benchmarks/results/llamacpp.json (+ llamacpp.png with matplotlib). Method
   16k) and prefills with its default (auto: 0.9 vs 1.0 s at 2048).
 * (a) batch-1 decode after the same 512-token prompt, 33 greedy tokens, median of the steps after the
   first 2. Ours: `LLMEngine.step()` wall time. llama.cpp: one `llama_decode` plus a numpy argmax.
+* (a') the same with bfloat16 matrices: ours `weight_dtype="bfloat16"` (matrices stored in bf16, widened in
+  the kernels), llama.cpp a GGUF whose same tensors are BF16 (gguf_export.py matrices="bf16").
 * (b) aggregate decode of nemo50 with 8 and 32 concurrent 512-token requests: batch / the median time of
   the steps where all of them decode. Ours: one `LLM.generate` (continuous batching). llama.cpp: one context
   with a sequence per request, each prefilled, then one `llama_decode` of all of them per step.
@@ -55,15 +57,16 @@ FLASH_ATTN = {"decode": "off", "concurrency": "off", "context_pair": "off", "pre
 
 
 def plan(mode: str) -> dict:
-    full = {"models": list(MODELS), "reps": 4, "dec_prompt": 512, "conc": [8, 32], "prefill": 2048,
-            "prefill_calls": 3, "pair": dict(PAIR), "pair_reps": 2, "worker_timeout": 560,
+    full = {"models": list(MODELS), "reps": 4, "dec_prompt": 512, "bf16": True, "conc": [8, 32],
+            "prefill": 2048, "prefill_calls": 3, "pair": dict(PAIR), "pair_reps": 2, "worker_timeout": 560,
             "quiet_wait_s": 20}  # fmt: skip
     if mode == "quick":
         return {**full, "reps": 2, "pair": None, "quiet_wait_s": 10}
     if mode == "smoke":  # tiny configs: checks the plumbing in seconds
         pair = {**PAIR, "model": "tiny50", "base": 32, "prompt": 128, "blocks": 2}
-        return {"models": ["tiny50"], "reps": 1, "dec_prompt": 64, "conc": [4], "prefill": 64, "prefill_calls": 1,
-                "pair": pair, "pair_reps": 1, "worker_timeout": 120, "quiet_wait_s": 0}  # fmt: skip
+        return {"models": ["tiny50"], "reps": 1, "dec_prompt": 64, "bf16": True, "conc": [4], "prefill": 64,
+                "prefill_calls": 1, "pair": pair, "pair_reps": 1, "worker_timeout": 120,
+                "quiet_wait_s": 0}  # fmt: skip
     return full
 
 
@@ -81,12 +84,13 @@ def llama_available(python: str) -> str | None:
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
-def export_in_subprocess(name: str, weights: Path, gguf: Path) -> Path:
-    """Our model over `weights`, written as a GGUF by gguf_export.py, in a child process (the parent holds
-    no model)."""
+def export_in_subprocess(name: str, weights: Path, gguf: Path, matrices: str = "f32") -> Path:
+    """Our model over `weights`, written as a GGUF by gguf_export.py (matrices "f32" or "bf16"), in a child
+    process (the parent holds no model)."""
     code = (
         f"import sys; sys.path.insert(0, {str(HERE)!r}); import common, gguf_export; "
-        f"gguf_export.export_gguf(common.load_ours({name!r}, common.Path({str(weights)!r})), {str(gguf)!r})"
+        f"gguf_export.export_gguf(common.load_ours({name!r}, common.Path({str(weights)!r})), {str(gguf)!r}, "
+        f"{matrices!r})"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     return gguf
@@ -107,14 +111,16 @@ class Runner:
             res = C.run_worker(HERE / "bench_engine.py", spec, self.P["worker_timeout"], self.P["quiet_wait_s"])
         else:
             spec = {"kv": "f32", "flash_attn": FLASH_ATTN[spec["scenario"]], **spec, "engine": "llama.cpp",
-                    "gguf": self.files[name]["gguf"], "vocab": vocab, "threads": C.THREADS}  # fmt: skip
+                    "gguf": self.files[name][spec.get("matrices", "f32")], "vocab": vocab,
+                    "threads": C.THREADS}  # fmt: skip
             res = C.run_worker(
                 HERE / "llamacpp_worker.py", spec, self.P["worker_timeout"], self.P["quiet_wait_s"], self.llama_python
             )
         res.setdefault("spec", {k: v for k, v in spec.items() if k != "prompt_ids"})
         res["engine"] = engine
         self.raw.append(res)
-        label = " ".join(f"{k}={v}" for k, v in spec.items() if k not in ("weights", "gguf", "prompt_ids", "vocab"))
+        hidden = ("weights", "gguf", "prompt_ids", "vocab")
+        label = " ".join(f"{k}={v}" for k, v in spec.items() if k not in hidden)
         if "error" in res:
             self.log(f"  {engine} {label}: ERROR {res['error'][:300]}")
         else:
@@ -146,17 +152,21 @@ def cell(ours: list[dict], llama: list[dict], key: str, higher_is_better: bool) 
 
 def run_all(r: Runner, P: dict) -> dict:
     results: dict = {"decode_b1": {}, "concurrency": {}, "prefill": {}, "context_pair": {}}
-    for name in P["models"]:
-        vocab = C.config(name).vocab_size
-        prompt = C.random_prompt(P["dec_prompt"], vocab, seed=100)  # the prompt bench_engine's w_decode makes
-        base = {"scenario": "decode", "model": name, "batch": 1, "prompt": len(prompt)}
-        runs = [r.pair(i, base, {**base, "prompt_ids": prompt, "new": 33, "drop": 2}) for i in range(P["reps"])]
-        ours, llama = [x for x, _ in runs], [y for _, y in runs]
-        c = cell(ours, llama, "median_ms", higher_is_better=False)
-        agree = [x.get("tokens") == y.get("tokens") for x, y in runs if "error" not in x and "error" not in y]
-        c["greedy_tokens_identical"] = bool(agree) and all(agree)
-        c["bytes_per_step"] = C.decode_bytes(C.config(name), len(prompt))["total"]
-        results["decode_b1"][name] = c
+    for matrices in ("f32", "bf16") if P["bf16"] else ("f32",):
+        for name in P["models"]:
+            vocab = C.config(name).vocab_size
+            prompt = C.random_prompt(P["dec_prompt"], vocab, seed=100)  # the prompt bench_engine's w_decode makes
+            ours = {"scenario": "decode", "model": name, "batch": 1, "prompt": len(prompt)}
+            llama = {**ours, "prompt_ids": prompt, "new": 33, "drop": 2, "matrices": matrices}
+            if matrices == "bf16":
+                ours["weight_dtype"] = "bfloat16"
+            runs = [r.pair(i, ours, llama) for i in range(P["reps"])]
+            c = cell([x for x, _ in runs], [y for _, y in runs], "median_ms", higher_is_better=False)
+            agree = [x.get("tokens") == y.get("tokens") for x, y in runs if "error" not in x and "error" not in y]
+            c["greedy_tokens_identical"] = bool(agree) and all(agree)
+            elt = 2 if matrices == "bf16" else 4
+            c["bytes_per_step"] = C.decode_bytes(C.config(name), len(prompt), matrix_elt=elt)["total"]
+            results["decode_b1"][name if matrices == "f32" else f"{name} bf16"] = c
     name = P["models"][0]  # nemo50 (tiny50 in the smoke run)
     for B in P["conc"]:
         spec = {"model": name, "batch": B, "prompt": P["dec_prompt"]}
@@ -286,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(set(P["models"]) | ({P["pair"]["model"]} if P["pair"] else set())):
             log(f"weights {name}: transformers random init (seed 0), then our GGUF export")
             weights = C.make_weights_in_subprocess(name, tmp / f"{name}.safetensors")
-            files[name] = {
-                "weights": str(weights),
-                "gguf": str(export_in_subprocess(name, weights, tmp / f"{name}.gguf")),
-            }
+            files[name] = {"weights": str(weights)}
+            for matrices in ("f32", "bf16") if P["bf16"] else ("f32",):
+                gguf = tmp / f"{name}-{matrices}.gguf"
+                files[name][matrices] = str(export_in_subprocess(name, weights, gguf, matrices))
         r = Runner(files, args.llama_python, P, log)
         results = run_all(r, P)
     finally:

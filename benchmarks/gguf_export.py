@@ -19,6 +19,13 @@ import numpy as np
 import torch
 
 ARCH = "nemotron_h_moe"
+# The GGUF tensors that matrices="bf16" stores as bfloat16: the ones our weight_dtype="bfloat16" narrows
+# (engine/runner.py narrow_weight_storage: every Linear, the routers, the routed experts, lm_head).
+MATRICES = (
+    "ssm_in.weight", "ssm_out.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+    "ffn_gate_inp.weight", "ffn_latent_down.weight", "ffn_latent_up.weight", "ffn_up_exps.weight",
+    "ffn_down_exps.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight", "output.weight",
+)  # fmt: skip
 
 
 def _check(config) -> None:
@@ -85,7 +92,7 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
         yield "output.weight", get("lm_head.weight")
 
 
-def write_metadata(writer, config) -> None:
+def write_metadata(writer, config, bf16: bool = False) -> None:
     """The `nemotron_h_moe` keys llama.cpp reads, for a tokenizer-less model (token ids only: `no_vocab`)."""
     import gguf
 
@@ -120,20 +127,30 @@ def write_metadata(writer, config) -> None:
     w.add_ssm_time_step_rank(config.mamba_num_heads)
     w.add_vocab_size(config.vocab_size)
     w.add_tokenizer_model("no_vocab")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(model, path: str | Path) -> Path:
-    """Write `model` (a nemotron3 NemotronHForCausalLM) to `path` as a float32 GGUF; returns the path."""
+def export_gguf(model, path: str | Path, matrices: str = "f32") -> Path:
+    """Write `model` (a nemotron3 NemotronHForCausalLM) to `path` as a GGUF; returns the path. matrices="bf16"
+    stores the MATRICES tensors as bfloat16 (rounded to nearest even, as torch's .to(bfloat16)), the rest float32."""
     import gguf
 
+    if matrices not in ("f32", "bf16"):
+        raise ValueError(f"matrices must be 'f32' or 'bf16', got {matrices!r}")
     path = Path(path)
     _check(model.config)
+    bf16 = matrices == "bf16"
     writer = gguf.GGUFWriter(str(path), ARCH)
-    write_metadata(writer, model.config)
+    write_metadata(writer, model.config, bf16)
     for name, array in gguf_tensors(model):
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if bf16 and name.endswith(MATRICES):
+            rounded = torch.from_numpy(array).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            # the bytes as uint8 [..., 2·last]: gguf derives the element shape from the byte shape
+            writer.add_tensor(name, rounded.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

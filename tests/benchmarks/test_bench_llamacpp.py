@@ -129,6 +129,33 @@ def test_gguf_holds_every_tensor_as_llama_cpp_reads_it(export, tmp_path):
     assert _field(r, "tokenizer.ggml.model") == "no_vocab"
 
 
+def test_bf16_gguf_rounds_the_matrices_our_weight_dtype_narrows(export, tmp_path):
+    """matrices="bf16": the tensors weight_dtype="bfloat16" narrows are BF16, rounded as torch rounds them
+    (nearest even); norms, conv, A, D, biases and the embedding stay float32 and exact."""
+    model = _tiny_model(seed=2)
+    f32 = gguf.GGUFReader(str(export.export_gguf(model, tmp_path / "f32.gguf")))
+    bf16 = gguf.GGUFReader(str(export.export_gguf(model, tmp_path / "bf16.gguf", matrices="bf16")))
+    full = {t.name: np.asarray(t.data) for t in f32.tensors}
+    narrowed = 0
+    for t in bf16.tensors:
+        data = np.asarray(t.data)
+        if t.name.endswith(export.MATRICES):
+            assert t.tensor_type == gguf.GGMLQuantizationType.BF16, t.name
+            widened = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(full[t.name].shape)
+            expected = torch.tensor(full[t.name]).to(torch.bfloat16).float().numpy()
+            np.testing.assert_array_equal(widened, expected, err_msg=t.name)
+            narrowed += 1
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+            np.testing.assert_array_equal(data, full[t.name], err_msg=t.name)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    moe_layers = model.config.hybrid_override_pattern.count("E")
+    assert narrowed == linears + 3 * moe_layers  # every Linear (lm_head too), plus each MoE's router and experts
+    assert bf16.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    with pytest.raises(ValueError, match="matrices"):
+        export.export_gguf(model, tmp_path / "x.gguf", matrices="q8_0")
+
+
 def test_gguf_export_refuses_layers_nemotron_h_moe_cannot_hold(export, tmp_path):
     model = _tiny_model("ME-*E")
     with pytest.raises(ValueError, match="hybrid_override_pattern"):
@@ -169,6 +196,7 @@ def test_smoke_against_llama_cpp(bench, tmp_path, capsys):
     data = json.loads((tmp_path / "llamacpp.json").read_text())
     res = data["results"]
     assert res["decode_b1"]["tiny50"]["greedy_tokens_identical"]
+    assert res["decode_b1"]["tiny50 bf16"]["ours_median"] and res["decode_b1"]["tiny50 bf16"]["llama_median"]
     assert res["concurrency"]["tiny50 x4"]["ours_median"] and res["concurrency"]["tiny50 x4"]["llama_median"]
     assert set(res["context_pair"]) == {"fp32 K/V", "half K/V (bf16 / f16)"}
     assert not any("error" in x for x in data["raw"])
