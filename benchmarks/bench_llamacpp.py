@@ -244,10 +244,10 @@ def plot(data: dict, path: Path) -> bool:
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], [vals[n][0] for n in names], 0.4, label="nemotron3")
         ax.bar([x + 0.2 for x in xs], [vals[n][1] for n in names], 0.4, label="llama.cpp")
-        ax.set_xticks(list(xs), names)
+        ax.set_xticks(list(xs), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0].legend()
-    fig.suptitle(f"nemotron3 vs llama.cpp, same fp32 weights, 2 threads ({data['date']})", fontsize=10)
+    fig.suptitle(f"nemotron3 vs llama.cpp, same weights, 2 threads ({data['date']})", fontsize=10)
     C.save_png(plt, fig, path)
     return True
 
