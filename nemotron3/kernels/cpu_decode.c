@@ -188,26 +188,87 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 /* F.softplus(v) with its default threshold 20 (linear above it). */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
-/* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols], float32 or bfloat16 when
- * bf16): dot the row with the input vector of each (token, slot) pair q that chose e
- * (in + (in_row ? in_row[q] : q)·in_stride), and write
- * the result (relu²'d if asked) to dest[q·rows + row]. An orphaned `omp for`: it splits the (expert, row)
- * pairs over the enclosing parallel region's threads, so each thread streams whole stretches of matrices. */
-static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, const int64_t *active,
-                        int64_t n_active, const int64_t *start, const float *in, int64_t in_stride,
-                        const int64_t *in_row, float *dest, int relu2) {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < n_active * rows; r++) {
-        int64_t e = active[r / rows], i = r % rows;
-        const void *row = w_offset(mat, (e * rows + i) * cols, bf16);
-        for (int64_t q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
-            int nb = start[e + 1] - q0 < 4 ? (int)(start[e + 1] - q0) : 4;
+#if defined(__AVX512F__)
+/* out[r] = Σ_i a_r[i]·b[i] for the 4 rows a_r = a + r·n (float32, or bfloat16 when bf16): dot_fixed's one-token
+ * sum for each row, in the same order (so bit-identical to it), with the 4 rows' 16 chains interleaved and
+ * each load of b shared by the 4 rows. */
+static inline __attribute__((always_inline)) void dot4_rows(const void *a, const int bf16, const float *b,
+                                                            int64_t n, float *out) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        for (int c = 0; c < 4; c++) {
+            __m512 bv = _mm512_loadu_ps(b + i + 16 * c);
+            for (int r = 0; r < 4; r++) acc[r][c] = _mm512_fmadd_ps(w_load(a, r * n + i + 16 * c, bf16), bv, acc[r][c]);
+        }
+    for (int r = 0; r < 4; r++)
+        acc[r][0] = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    for (; i + 16 <= n; i += 16) {
+        __m512 bv = _mm512_loadu_ps(b + i);
+        for (int r = 0; r < 4; r++) acc[r][0] = _mm512_fmadd_ps(w_load(a, r * n + i, bf16), bv, acc[r][0]);
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 bv = _mm512_maskz_loadu_ps(m, b + i);
+        for (int r = 0; r < 4; r++) acc[r][0] = _mm512_fmadd_ps(w_load_mask(m, a, r * n + i, bf16), bv, acc[r][0]);
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r][0]);
+}
+#endif
+
+/* relu(v)² when relu2, else v. */
+static inline float relu2_if(float v, int relu2) { return relu2 ? (v > 0.0f ? v * v : 0.0f) : v; }
+
+/* dot_many for `rows` consecutive matrix rows from `row` (cols apart) against the inputs of the pairs
+ * [q_lo, q_hi) of one expert, results to dest[q·ld + i0 + r]. A lone pair (every decode token's expert at
+ * batch 1) takes 4 rows per dot4_rows; more pairs share each row's loads across up to 4 of them. */
+static inline void rows_times_pairs(const void *row, int bf16, int64_t nrows, int64_t cols, int64_t q_lo,
+                                    int64_t q_hi, const float *in, int64_t in_stride, const int64_t *in_row,
+                                    float *dest, int64_t ld, int64_t i0, int relu2) {
+    int64_t r = 0;
+#if defined(__AVX512F__)
+    if (q_hi - q_lo == 1) {
+        const float *x = in + (in_row ? in_row[q_lo] : q_lo) * in_stride;
+        for (; r + 4 <= nrows; r += 4) {
+            float v[4];
+            if (bf16)
+                dot4_rows(w_offset(row, r * cols, 1), 1, x, cols, v);
+            else
+                dot4_rows(w_offset(row, r * cols, 0), 0, x, cols, v);
+            for (int j = 0; j < 4; j++) dest[q_lo * ld + i0 + r + j] = relu2_if(v[j], relu2);
+        }
+    }
+#endif
+    for (; r < nrows; r++)
+        for (int64_t q0 = q_lo; q0 < q_hi; q0 += 4) {
+            int nb = q_hi - q0 < 4 ? (int)(q_hi - q0) : 4;
             const float *vs[4];
             float v[4];
             for (int j = 0; j < nb; j++) vs[j] = in + (in_row ? in_row[q0 + j] : q0 + j) * in_stride;
-            dot_many(row, bf16, vs, nb, cols, v);
-            for (int j = 0; j < nb; j++) dest[(q0 + j) * rows + i] = relu2 ? (v[j] > 0.0f ? v[j] * v[j] : 0.0f) : v[j];
+            dot_many(w_offset(row, r * cols, bf16), bf16, vs, nb, cols, v);
+            for (int j = 0; j < nb; j++) dest[(q0 + j) * ld + i0 + r] = relu2_if(v[j], relu2);
         }
+}
+
+#define EXPERT_ROW_BLOCK 4 /* matrix rows per work item of expert_rows */
+
+/* For every active expert e and each of its `rows` matrix rows (mat [E, rows, cols], float32 or bfloat16 when
+ * bf16): dot the row with the input vector of each (token, slot) pair q that chose e
+ * (in + (in_row ? in_row[q] : q)·in_stride), and write the result (relu²'d if asked) to dest[q·rows + row].
+ * An orphaned `omp for`: it splits the (expert, block of EXPERT_ROW_BLOCK rows) items over the enclosing
+ * parallel region's threads, so each thread streams whole stretches of matrices. */
+static void expert_rows(const void *mat, int bf16, int64_t rows, int64_t cols, const int64_t *active,
+                        int64_t n_active, const int64_t *start, const float *in, int64_t in_stride,
+                        const int64_t *in_row, float *dest, int relu2) {
+    int64_t blocks = (rows + EXPERT_ROW_BLOCK - 1) / EXPERT_ROW_BLOCK; /* per expert */
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_active * blocks; b++) {
+        int64_t e = active[b / blocks], i0 = b % blocks * EXPERT_ROW_BLOCK;
+        int64_t n = rows - i0 < EXPERT_ROW_BLOCK ? rows - i0 : EXPERT_ROW_BLOCK;
+        rows_times_pairs(w_offset(mat, (e * rows + i0) * cols, bf16), bf16, n, cols, start[e], start[e + 1], in,
+                         in_stride, in_row, dest, rows, i0, relu2);
     }
 }
 
