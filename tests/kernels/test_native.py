@@ -148,6 +148,25 @@ def test_moe_dispatch_groups_by_expert_and_combine_weights_like_float64(T, E, k,
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lone_tokens_expert_rows_sum_alike_four_at_a_time_or_one(dtype):
+    """An expert with one token dots its rows 4 at a time (dot4_rows) and the rows left over one at a time
+    (dot_many); both must sum in the same order. Row 4 of up is row 0 again, and down copies h[0] and h[4] to
+    outputs 0 and 1 (a 1 among exact zeros), so the two outputs are equal bit for bit only if they do."""
+    L, F_ = 85, 5  # 85 columns: a 64-column step, a 16-column one, a masked tail; 5 rows: a block of 4, one alone
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, L, generator=g)
+    up = torch.randn(2, F_, L, generator=g)
+    up[:, 0] *= torch.sign(up[:, 0] @ x[0])[:, None]  # a positive pre-activation, so relu² keeps it
+    up[:, 4] = up[:, 0]
+    down = torch.zeros(2, L, F_)
+    down[:, 0, 0] = down[:, 1, 4] = 1.0
+    out = native.experts(x, up.to(dtype), down.to(dtype), torch.tensor([[1]]), torch.ones(1, 1))
+    assert out is not None and out[0, 0] > 0
+    assert out[0, 0].item() == out[0, 1].item()
+
+
+@needs_native
 def test_experts_reject_an_out_of_range_index():
     x, up, down, indices, weights = expert_inputs(2, 4, 2, 8, 16, seed=0)
     indices[1, 0] = 4
