@@ -140,7 +140,7 @@ def _ok(results: list[dict], key: str) -> list[float]:
 
 
 def cell(ours: list[dict], llama: list[dict], key: str, higher_is_better: bool) -> dict:
-    """Medians of both engines, per-pair ratios (ours faster > 1) and their median."""
+    """Both engines' values and medians, the ratio of the medians and the per-pair ratios (ours faster > 1)."""
     a, b = _ok(ours, key), _ok(llama, key)
     pairs = [(x[key], y[key]) for x, y in zip(ours, llama) if "error" not in x and "error" not in y]
     ratios = [(x / y if higher_is_better else y / x) for x, y in pairs if x and y]

@@ -221,7 +221,7 @@ static inline __attribute__((always_inline)) void dot4_rows(const void *a, const
 /* relu(v)² when relu2, else v. */
 static inline float relu2_if(float v, int relu2) { return relu2 ? (v > 0.0f ? v * v : 0.0f) : v; }
 
-/* dot_many for `rows` consecutive matrix rows from `row` (cols apart) against the inputs of the pairs
+/* dot_many for `nrows` consecutive matrix rows from `row` (cols apart) against the inputs of the pairs
  * [q_lo, q_hi) of one expert, results to dest[q·ld + i0 + r]. A lone pair (every decode token's expert at
  * batch 1) takes 4 rows per dot4_rows; more pairs share each row's loads across up to 4 of them. */
 static inline void rows_times_pairs(const void *row, int bf16, int64_t nrows, int64_t cols, int64_t q_lo,
