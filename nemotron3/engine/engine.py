@@ -15,14 +15,20 @@ import torch
 
 from nemotron3.engine.cache import CacheConfig, HybridCache
 from nemotron3.engine.gc_heap import freeze_gc_heap
-from nemotron3.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nemotron3.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nemotron3.engine.runner import WEIGHT_DTYPES, ModelRunner, Segment, narrow_weight_storage
-from nemotron3.engine.sampler import SampleResult, SamplingTensors, argmax_ids, sample
+from nemotron3.engine.sampler import (
+    SampleResult,
+    SamplingTensors,
+    argmax_ids,
+    logprob_entries,
+    sample,
+    token_logprobs,
+)
 from nemotron3.engine.sampling_params import SamplingParams
 from nemotron3.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.nemotron import NemotronHForCausalLM
-
 
 KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's names
@@ -62,6 +68,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
+    prompt_logprobs: list | None = None  # [None, entry for prompt token 1, ...] as far as computed
 
 
 class LLMEngine:
@@ -125,6 +132,8 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
             )
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         for index in range(params.n):
             gen = None
             if params.seed is not None:
@@ -206,6 +215,8 @@ class LLMEngine:
         segments += chunks
         sampled += finished
         logits = self.runner.step(segments)
+        if any(c.all_logits for c in chunks):
+            logits = self._take_prompt_logprobs(sched.prefills, chunks, logits, len(sched.decodes))
         changed: dict[str, _Request] = {}
         if sampled:
             self._sample_and_append(sampled, logits)
@@ -233,13 +244,49 @@ class LLMEngine:
         for seq, n in prefills:
             start = seq.num_computed
             done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
-            segments.append(Segment(seq.cache, seq.ids_slice(start, start + n), decode=False, want_logits=done))
+            req = self.requests[seq.request_id]
+            segments.append(Segment(seq.cache, seq.ids_slice(start, start + n), decode=False, want_logits=done,
+                                    all_logits=self._scores_prompt(req, seq, start, n)))  # fmt: skip
             if done:
                 finished.append(seq)
-            req = self.requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         return segments, finished
+
+    @staticmethod
+    def _scores_prompt(req: _Request, seq: Sequence, start: int, n: int) -> bool:
+        """Whether the chunk of positions [start, start + n) yields prompt logprobs not yet recorded (its row p scores
+        prompt token p + 1): the request's first sample computes them (its other samples prefill the same prompt),
+        and a recompute after preemption does not compute them again."""
+        done, end = req.prompt_logprobs, len(req.prompt_ids)
+        return done is not None and seq.index == 0 and len(done) < end and start < end - 1 and start + n >= len(done)
+
+    def _take_prompt_logprobs(self, prefills, chunks: list[Segment], logits: torch.Tensor, first: int) -> torch.Tensor:
+        """Record the prompt logprobs of the chunks that asked for every position's logits (runner.logit_rows
+        order: `first` decode rows, then per chunk all its rows or its last); return the rows that sample."""
+        keep, row = list(range(first)), first
+        for (seq, n), chunk in zip(prefills, chunks):
+            if chunk.all_logits:
+                self._record_prompt_logprobs(seq, seq.num_computed - n, logits[row : row + n])
+                row += n
+                if chunk.want_logits:
+                    keep.append(row - 1)
+            elif chunk.want_logits:
+                keep.append(row)
+                row += 1
+        return logits[keep]
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that the chunk's logits [n, V] (positions start …) predict: the logits at
+        position p score prompt token p + 1. Positions already recorded (a recompute) are skipped."""
+        req = self.requests[seq.request_id]
+        done, prompt = req.prompt_logprobs, req.prompt_ids
+        a, b = len(done) - 1 - start, min(logits.shape[0], len(prompt) - 1 - start)
+        if b <= a:
+            return
+        targets = torch.tensor(prompt[start + a + 1 : start + b + 1], device=logits.device)
+        k = req.params.prompt_logprobs
+        done.extend(logprob_entries(token_logprobs(logits[a:b], targets, k), k))
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
@@ -274,17 +321,10 @@ class LLMEngine:
             if s.status is Status.FINISHED:
                 self.scheduler.finish(s)
 
-    def _record_logprobs(self, s: Sequence, row: int, tok: int, result) -> None:
-        lp = float(result.logprobs[row])
-        s.cumulative_logprob += lp
-        entry = {tok: Logprob(lp)}
-        k = s.params.logprobs
-        if k and result.top_ids is not None:
-            for rank, (tid, tlp) in enumerate(
-                zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist())
-            ):
-                entry.setdefault(tid, Logprob(tlp))
-                entry[tid].rank = rank + 1
+    def _record_logprobs(self, s: Sequence, row: int, tok: int, result: SampleResult) -> None:
+        """The sampled token's logprob (and rank, and the request's top-k) of row `row`."""
+        (entry,) = logprob_entries(result.row(row), s.params.logprobs)
+        s.cumulative_logprob += entry[tok].logprob
         s.logprobs.append(entry)
 
     def _check_stop(self, s: Sequence, tok: int) -> None:
@@ -337,7 +377,11 @@ class LLMEngine:
         ]
         req.metrics.num_preemptions = sum(s.num_preemptions for s in req.seqs)
         finished = all(s.status is Status.FINISHED for s in req.seqs)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)
+        prompt_logprobs = req.prompt_logprobs  # complete ones never change again: shared, not copied every step
+        if prompt_logprobs is not None and len(prompt_logprobs) < len(req.prompt_ids):
+            prompt_logprobs = list(prompt_logprobs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics,
+                             prompt_logprobs=prompt_logprobs)  # fmt: skip
 
 
 def _plain_greedy(s: Sequence) -> bool:

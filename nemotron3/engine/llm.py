@@ -117,6 +117,39 @@ class LLM:
                         bar.advance(task)
         return [final[rid] for rid in ids]
 
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's offline chat: render each conversation with the tokenizer's chat template (or `chat_template`) and
+        generate. messages: one conversation (a list of {"role", "content"} dicts) or a list of them; outputs
+        come back in order, each with the rendered text as `.prompt`. chat_template_kwargs go to the template,
+        e.g. {"enable_thinking": False} for Nemotron's reasoning-off mode; for a thinking budget, and the reply
+        split into reasoning and content, see nemotron3.engine.reasoning.chat."""
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("chat needs a model with a tokenizer (tokenizer.json); generate takes token ids")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations or not all(isinstance(c, list) and c for c in conversations):
+            raise ValueError("messages must be a non-empty conversation (a list of message dicts) or a list of them")
+        for c in conversations:
+            bad = [m for m in c if not isinstance(m, dict) or "role" not in m]
+            if bad:
+                raise ValueError(f"messages: every message must be a dict with a 'role', got {bad[0]!r}")
+        options = dict(
+            tools=tools, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            chat_template=chat_template, **(chat_template_kwargs or {}),
+        )  # fmt: skip
+        return self.generate([tok.apply_chat_template(c, **options) for c in conversations], sampling_params, use_tqdm)
+
     def stream(self, prompt: str | dict | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one RequestOutput per step with only the new tokens/text of each sample (deltas).
 
@@ -140,7 +173,12 @@ class LLM:
 
 
 def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
-    """The part of each sample not yet sent: new token ids and new text."""
+    """The part of each sample not yet sent: new token ids and new text; and the prompt logprobs, once, in the first
+    delta where they are complete (`sent[-1]` marks them sent)."""
+    lps = out.prompt_logprobs
+    send_prompt = lps is not None and len(lps) == len(out.prompt_token_ids) and -1 not in sent
+    if send_prompt:
+        sent[-1] = (0, 0)
     deltas = []
     for c in out.outputs:
         n_tok, n_txt = sent.get(c.index, (0, 0))
@@ -151,4 +189,5 @@ def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutpu
             )  # fmt: skip
         )
         sent[c.index] = (len(c.token_ids), len(c.text))
-    return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished, out.metrics)
+    return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished, out.metrics,
+                         prompt_logprobs=lps if send_prompt else None)  # fmt: skip

@@ -79,3 +79,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it); each
+    # holds the prompt token's Logprob (with its rank) and the k most likely tokens at that position. A streamed
+    # request carries them in its first delta only.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -115,6 +115,7 @@ class Piece:
     stop_reason: int | str | None = None
     reasoning_tokens: int = 0
     forced: bool = False  # the injected closing tokens
+    prompt_logprobs: list | None = None  # the prompt's (SamplingParams.prompt_logprobs), in one piece only
 
 
 @dataclass
@@ -165,14 +166,19 @@ async def stream_with_budget(
     counter = _Counter(in_reasoning)
     total_max = params.max_tokens
 
-    def phase_params(max_tokens, in_span: bool, seed_offset: int) -> SamplingParams:
+    def phase_params(max_tokens, in_span: bool, seed_offset: int, score_prompt: bool = True) -> SamplingParams:
         seed = None if params.seed is None else params.seed + seed_offset
         return dataclasses.replace(
             params, max_tokens=max_tokens, seed=seed, min_tokens=min(params.min_tokens, max_tokens or params.min_tokens),
             logits_processors=processors(in_span) if processors else list(params.logits_processors),
+            prompt_logprobs=params.prompt_logprobs if score_prompt else None,
         )  # fmt: skip
 
+    def prompt_part(out) -> list | None:  # the caller's prompt's logprobs (a second phase's prompt is longer)
+        return None if out.prompt_logprobs is None else out.prompt_logprobs[: len(prompt_ids)]
+
     cut = budget == 0
+    scored = False  # the prompt logprobs went out in the first phase
     if not cut:
         sent_text = 0
         agen = client.generate(
@@ -181,17 +187,19 @@ async def stream_with_budget(
         try:
             async for out in agen:
                 c = out.outputs[0]
+                scored = scored or out.prompt_logprobs is not None
                 n_keep, cut = counter.take(list(c.token_ids), budget, think.think_end_id)
                 if cut:
                     # the budget ends inside this delta: keep n_keep tokens, text re-decoded from the kept ids
                     text = tokenizer.decode(counter.kept)[sent_text:] if tokenizer is not None else ""
                     lps = c.logprobs[:n_keep] if c.logprobs is not None else None
-                    if n_keep or text:
-                        yield Piece(c.token_ids[:n_keep], text, lps, reasoning_tokens=counter.reasoning_tokens)
+                    if n_keep or text or out.prompt_logprobs is not None:
+                        yield Piece(c.token_ids[:n_keep], text, lps, reasoning_tokens=counter.reasoning_tokens,
+                                    prompt_logprobs=prompt_part(out))  # fmt: skip
                     break
                 sent_text += len(c.text)
                 yield Piece(list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.stop_reason,
-                            counter.reasoning_tokens)  # fmt: skip
+                            counter.reasoning_tokens, prompt_logprobs=prompt_part(out))  # fmt: skip
                 if out.finished:
                     return
         finally:
@@ -210,11 +218,13 @@ async def stream_with_budget(
     if done:
         return
     prompt2 = list(prompt_ids) + counter.kept + close
-    agen = client.generate({"prompt_token_ids": prompt2}, phase_params(remaining, False, 1), request_id + "-answer")
+    agen = client.generate({"prompt_token_ids": prompt2}, phase_params(remaining, False, 1, not scored),
+                           request_id + "-answer")  # fmt: skip
     try:
         async for out in agen:
             c = out.outputs[0]
-            yield Piece(list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.stop_reason, counter.reasoning_tokens)
+            yield Piece(list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.stop_reason, counter.reasoning_tokens,
+                        prompt_logprobs=prompt_part(out))  # fmt: skip
             if out.finished:
                 return
     except ValueError as e:  # e.g. prompt + reasoning now fills the context: the answer has no room

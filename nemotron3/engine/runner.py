@@ -9,7 +9,6 @@ is padded to another's length.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,20 @@ class Segment:
     tokens: list[int]
     decode: bool  # a generated token (recurrence step) rather than a prompt chunk (scan)
     want_logits: bool  # sample after this segment (last prompt chunk, or a decode step)
+    all_logits: bool = False  # logits at every position of this prompt chunk too (SamplingParams.prompt_logprobs)
+
+
+def logit_rows(segments: list[Segment]) -> list[int]:
+    """The stream rows whose logits a step returns, increasing: every row of a segment with all_logits, else the
+    last row of one with want_logits."""
+    rows, end = [], 0
+    for s in segments:
+        start, end = end, end + len(s.tokens)
+        if s.all_logits:
+            rows.extend(range(start, end))
+        elif s.want_logits:
+            rows.append(end - 1)
+    return rows
 
 
 def transpose_linear_storage(model: torch.nn.Module) -> None:
@@ -134,7 +147,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, segments: list[Segment]) -> torch.Tensor:
-        """Feed every segment (decode segments first, in slot order); return logits [n_want, V] float32.
+        """Feed every segment (decode segments first, in slot order); return logits float32 [rows, V]: in segment
+        order, every position of a segment with all_logits, else the last position of one with want_logits.
 
         The cache must already hold blocks for the new tokens (HybridCache.grow).
         """
@@ -148,8 +162,7 @@ class ModelRunner:
             for s in segments:
                 s.seq.num_tokens += 1
             return logits
-        ends = itertools.accumulate(lengths)
-        rows = [end - 1 for end, s in zip(ends, segments) if s.want_logits]  # each sampling segment's last token
+        rows = logit_rows(segments)
         hidden, _ = self.run_layers(segments, n_dec, self._mamba, rows)
         _, last = add_norm(hidden[0], None, self.model.backbone.norm_f)
         for s, n in zip(segments, lengths):
@@ -315,12 +328,13 @@ class ModelRunner:
         """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place: one
         native call per chunk (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops.
         sampled_only: a chunk returns its last row if it samples, else no row (the torch ops form every row and
-        drop the rest; z may be unset in those rows)."""
+        drop the rest; z may be unset in those rows); a chunk with all_logits returns every row either way."""
         parts = []
         dt_range = mixer.prefill_dt_range()
         for k in range(n_dec, len(segments)):
             a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
-            outputs = ("last" if segments[k].want_logits else "none") if sampled_only else "all"
+            seg = segments[k]
+            outputs = "all" if seg.all_logits or not sampled_only else "last" if seg.want_logits else "none"
             y = native.mamba_prefill(mixer, proj[0, a:b], conv[slot], ssm[slot], dt_range, outputs)
             if y is None:
                 z, xbc, dt = mixer.split_projection(proj[:, a:b])

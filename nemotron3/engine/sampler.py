@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemotron3.engine.outputs import Logprob
 from nemotron3.engine.sampling_params import SamplingParams
 
 
@@ -77,6 +78,43 @@ class SampleResult:
     logprobs: torch.Tensor | None  # [B] float32: log p(chosen) under the raw model distribution
     top_logprobs: torch.Tensor | None  # [B, k] float32
     top_ids: torch.Tensor | None  # [B, k] int64
+    ranks: torch.Tensor | None = None  # [B] int64: the chosen token's rank, 1 + (tokens more likely than it)
+
+    def row(self, i: int) -> SampleResult:
+        """Row i alone (a batch of one)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[i : i + 1]
+
+        return SampleResult(cut(self.token_ids), cut(self.logprobs), cut(self.top_logprobs), cut(self.top_ids),
+                            cut(self.ranks))  # fmt: skip
+
+
+def logprob_entries(result: SampleResult, k: int) -> list[dict[int, Logprob]]:
+    """vLLM's per-position logprobs dicts from a token_logprobs result: the token itself (with its rank), then up to k
+    most likely tokens with ranks 1..k (the token keeps its own entry when it is among them)."""
+    toks, lps = result.token_ids.tolist(), result.logprobs.tolist()
+    ranks = result.ranks.tolist() if result.ranks is not None else [None] * len(toks)
+    top = k > 0 and result.top_ids is not None
+    top_ids = result.top_ids[:, :k].tolist() if top else [[]] * len(toks)
+    top_lps = result.top_logprobs[:, :k].tolist() if top else [[]] * len(toks)
+    entries = []
+    for tok, lp, rank, ids, values in zip(toks, lps, ranks, top_ids, top_lps):
+        entry = {tok: Logprob(lp, rank)}
+        for r, (tid, value) in enumerate(zip(ids, values)):
+            entry.setdefault(tid, Logprob(value, r + 1))
+        entries.append(entry)
+    return entries
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> SampleResult:
+    """Log-probabilities of `tokens` [n] under logits [n, V] (log_softmax, float32), their ranks (vLLM's: 1 + the
+    number of tokens with a strictly higher logprob) and each row's k most likely tokens (none for k = 0)."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    ranks = (logp > chosen[:, None]).sum(-1) + 1
+    top = logp.topk(k, dim=-1) if k > 0 else None
+    return SampleResult(tokens, chosen, top.values if top else None, top.indices if top else None, ranks)
 
 
 def apply_penalties(
@@ -170,10 +208,7 @@ def sample(
         _accept(t.processors, tokens)
     if t.max_logprobs < 0:
         return SampleResult(tokens, None, None, None)
-    logp = raw.log_softmax(-1)
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-    top = logp.topk(t.max_logprobs, dim=-1) if t.max_logprobs > 0 else None
-    return SampleResult(tokens, chosen, top.values if top else None, top.indices if top else None)
+    return token_logprobs(raw, tokens, t.max_logprobs)
 
 
 # ---------------------------------------------------------------- logits-processor hook (SamplingParams.logits_processors)

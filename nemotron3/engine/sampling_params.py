@@ -12,7 +12,10 @@ class SamplingParams:
     temperature 0 means greedy. top_k ≤ 0 (or -1) disables top-k; top_p = 1 and min_p = 0 disable theirs.
     repetition_penalty (> 1 discourages) applies to prompt and generated tokens, presence/frequency
     penalties (OpenAI style, in [-2, 2]) to generated tokens only. `seed` makes sampling reproducible per
-    request. `logprobs=k` returns the chosen token's logprob and the top-k alternatives at each step.
+    request. `logprobs=k` returns the chosen token's logprob and rank and the top-k alternatives at each step;
+    `prompt_logprobs=k` does the same for every prompt token after the first (RequestOutput.prompt_logprobs), which
+    is how a prompt is scored (perplexity, multiple-choice log-likelihoods). Both are the raw model distribution's,
+    before temperature, penalties or processors, as vLLM returns them by default.
 
     logits_processors (hook for constrained decoding, e.g. the server's response_format): callables
     `proc(logits: Tensor[V]) -> Tensor[V]` applied, in order, to this sample's raw logits before penalties
@@ -36,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
     logits_processors: list = field(default_factory=list)
@@ -75,6 +79,10 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check(self.min_tokens <= self.max_tokens, "min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs", "must be None or an integer >= 0", self.logprobs)
+        _check(
+            self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+            "prompt_logprobs", "must be None or an integer >= 0", self.prompt_logprobs,
+        )  # fmt: skip
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be None or an integer", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)

@@ -41,7 +41,7 @@ from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.outputs import RequestOutput, SpecDecodeMetrics
 from nemotron3.engine.runner import ModelRunner, Segment
-from nemotron3.engine.sampler import SampleResult, SamplingTensors, argmax_ids, draw, processed_logits
+from nemotron3.engine.sampler import SamplingTensors, argmax_ids, draw, processed_logits, token_logprobs
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
 from nemotron3.model.attention import causal_attention
@@ -182,8 +182,9 @@ class SpecRunner(ModelRunner):
     def forward(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify segments (decode=True, 1 + drafts tokens) first, then prompt chunks.
 
-        Returns logits [rows, V] float32 — every position of a verify segment with want_logits, the last
-        position of a prompt chunk with want_logits — and final-norm hidden states [T, H] of every token.
+        Returns logits [rows, V] float32 — every position of a verify segment with want_logits or of a prompt chunk
+        with all_logits, the last position of another prompt chunk with want_logits — and final-norm hidden states
+        [T, H] of every token.
         """
         n_dec = sum(1 for s in segments if s.decode)
         if any(s.decode for s in segments[n_dec:]):
@@ -194,8 +195,10 @@ class SpecRunner(ModelRunner):
         hidden = backbone.norm_f(hidden[0])
         rows = []
         for k, s in enumerate(segments):
-            if s.want_logits:
-                rows.extend(range(offsets[k], offsets[k + 1]) if s.decode else [offsets[k + 1] - 1])
+            if (s.decode and s.want_logits) or s.all_logits:
+                rows.extend(range(offsets[k], offsets[k + 1]))
+            elif s.want_logits:
+                rows.append(offsets[k + 1] - 1)
         for s in segments:
             s.seq.num_tokens += len(s.tokens)
         with fast_path(self.matmul_precision):
@@ -404,8 +407,11 @@ class SpeculativeEngine(LLMEngine):
                 self._sample_and_append([seq], rows)
                 keep.append(1)
             changed[seq.request_id] = self.requests[seq.request_id]
+        rest = logits[row:]
+        if any(c.all_logits for c in chunks):
+            rest = self._take_prompt_logprobs(sched.prefills, chunks, rest, 0)
         if done_prefills:
-            self._sample_and_append(done_prefills, logits[row:])
+            self._sample_and_append(done_prefills, rest)
             for seq in done_prefills:
                 changed[seq.request_id] = self.requests[seq.request_id]
         t_fix = time.perf_counter()
@@ -493,12 +499,7 @@ class SpeculativeEngine(LLMEngine):
             self._count(seq, n, m)
         result = None
         if p.logprobs is not None:
-            logp = rows[: m + 1].log_softmax(-1)
-            top = logp.topk(p.logprobs, dim=-1) if p.logprobs > 0 else None
-            chosen = logp.gather(1, torch.tensor(tokens, device=rows.device)[:, None]).squeeze(1)
-            result = SampleResult(
-                torch.tensor(tokens), chosen, top.values if top else None, top.indices if top else None
-            )
+            result = token_logprobs(rows[: m + 1], torch.tensor(tokens, device=rows.device), p.logprobs)
         for i, tok in enumerate(tokens):
             seq.output_ids.append(tok)
             if result is not None:

@@ -54,15 +54,32 @@ class Tokenizer:
         *,
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
         **template_kwargs,
     ) -> str:
-        """Render `messages` with the checkpoint's Jinja chat template (sandboxed), as transformers'
-        `apply_chat_template(tokenize=False)`; template_kwargs (e.g. enable_thinking=False) go to the template."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
-        return _compile(self.chat_template).render(
+        """Render `messages` with the checkpoint's Jinja chat template (sandboxed), or `chat_template` instead, as
+        transformers' `apply_chat_template(tokenize=False)`; template_kwargs (e.g. enable_thinking=False) go to the
+        template. continue_final_message ends the text right after the last message's content (no end-of-turn), so
+        generation continues that message (a prefilled assistant reply), as transformers and vLLM do."""
+        template = chat_template or self.chat_template
+        if not template:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json); pass chat_template")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        text = _compile(template).render(
             messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
+        if not continue_final_message:
+            return text
+        final = messages[-1].get("content") if messages else None
+        if not isinstance(final, str) or not final.strip():
+            raise ValueError("continue_final_message needs a final message whose content is non-empty text")
+        at = text.rfind(final.strip())
+        if at < 0:
+            raise ValueError("continue_final_message: the chat template did not render the final message's content")
+        kept = final.lstrip() if text.startswith(final.lstrip(), at) else final.strip()  # trailing space, if rendered
+        return text[: at + len(kept)]
 
 
 @functools.lru_cache(maxsize=8)

@@ -237,6 +237,7 @@ class _Job:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     reasoning_tokens: int = 0
+    prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when its params ask for them
 
 
 class _Server:
@@ -272,9 +273,14 @@ class _Server:
                            code="context_length_exceeded")  # fmt: skip
         return requested
 
-    def _params(self, req, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+    def _params(
+        self, req, max_tokens: int, logprobs: int | None, seed_offset: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        if req.stream and req.prompt_logprobs is not None:  # vLLM refuses it too: responses carry them, chunks do not
+            raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         opts = {
             "n": 1, "max_tokens": max_tokens, "logprobs": logprobs, "min_tokens": min(req.min_tokens, max_tokens),
+            "prompt_logprobs": req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": req.top_k or 0, "min_p": req.min_p or 0.0,
             "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
@@ -316,6 +322,9 @@ class _Server:
         elif choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
         kwargs = dict(req.chat_template_kwargs or {})
+        for key in ("chat_template", "continue_final_message", "add_generation_prompt", "tools"):
+            if key in kwargs:  # options of the renderer, not template variables: a request may not set them here
+                raise APIError(400, f"chat_template_kwargs may not set {key!r}", param="chat_template_kwargs")
         budget = req.thinking_budget
         for key in ("thinking_budget", "reasoning_budget"):
             value = kwargs.pop(key, None)
@@ -380,7 +389,7 @@ class _Server:
         rid = new_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            gen = self._chat_stream(rid, name, jobs, tools, include_usage, req.logprobs)
+            gen = self._chat_stream(rid, name, jobs, tools, include_usage, logprobs)
             return StreamingResponse(gen, media_type="text/event-stream")
         await self._run_all(jobs, rid, request, "/v1/chat/completions")
         choices = []
@@ -393,12 +402,16 @@ class _Server:
             msg = {"role": "assistant", "content": content, "reasoning_content": reasoning_text}
             if calls:
                 msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+            lp = self._chat_logprobs(job.token_ids, job.logprobs, logprobs) if req.logprobs else None
             choice = {"index": job.index, "message": msg, "finish_reason": "tool_calls" if calls else job.finish_reason,
-                      "logprobs": self._chat_logprobs(job.token_ids, job.logprobs) if req.logprobs else None}  # fmt: skip
+                      "logprobs": lp}  # fmt: skip
             choices.append(choice)
         self.metrics.request_done("/v1/chat/completions", 200)
-        return {"id": rid, "object": "chat.completion", "created": now(), "model": name, "choices": choices,
+        body = {"id": rid, "object": "chat.completion", "created": now(), "model": name, "choices": choices,
                 "usage": _usage(len(prompt_ids), jobs)}  # fmt: skip
+        if req.prompt_logprobs is not None:  # vLLM's field: the rendered prompt's tokens, scored
+            body["prompt_logprobs"] = self._prompt_logprobs(jobs[0].prompt_logprobs, req.prompt_logprobs)
+        return body
 
     # ------------------------------------------------------------------ running jobs
     async def _pieces(self, job: _Job, rid: str):
@@ -412,6 +425,8 @@ class _Server:
                 job.text.append(piece.text)
                 if piece.logprobs is not None:
                     job.logprobs.extend(piece.logprobs)
+                if piece.prompt_logprobs is not None:
+                    job.prompt_logprobs = piece.prompt_logprobs
                 job.reasoning_tokens = piece.reasoning_tokens
                 if piece.finish_reason is not None:
                     job.finish_reason = piece.finish_reason
@@ -494,7 +509,7 @@ class _Server:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _chat_stream(self, rid, name, jobs, tools, include_usage: bool, want_logprobs: bool):
+    async def _chat_stream(self, rid, name, jobs, tools, include_usage: bool, top_logprobs: int | None):
         created, start = now(), time.monotonic()
         first = None
         last = None
@@ -548,7 +563,9 @@ class _Server:
                     last = t
                 r, c = rparsers[job.index].feed(piece.text)
                 out = deltas(job, r, c)
-                lp = self._chat_logprobs(piece.token_ids, piece.logprobs) if want_logprobs else None
+                lp = None
+                if top_logprobs is not None:
+                    lp = self._chat_logprobs(piece.token_ids, piece.logprobs, top_logprobs)
                 if lp and not out:
                     out = [{}]
                 for k, d in enumerate(out):
@@ -578,28 +595,47 @@ class _Server:
             self._token_text[tid] = s
         return s
 
-    def _chat_logprobs(self, token_ids: list[int], entries: list | None) -> dict | None:
+    @staticmethod
+    def _top(entry: dict | None, k: int) -> list:
+        """The (token id, Logprob) pairs of an entry's k most likely tokens, most likely first (the entry also holds
+        the token itself, which may rank below k)."""
+        return sorted(((t, v) for t, v in (entry or {}).items() if v.rank is not None and v.rank <= k),
+                      key=lambda x: x[1].rank)  # fmt: skip
+
+    def _prompt_logprobs(self, entries: list | None, k: int) -> list | None:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token_id: {logprob, rank, decoded_token}},
+        the prompt token first, then the k most likely (the engine may have scored more, for an echo)."""
+        if entries is None:
+            return None
+        out: list[dict | None] = [None]
+        for e in entries[1:]:
+            own = next(iter(e.items()))  # the engine's entries start with the prompt token itself
+            out.append({t: {"logprob": _finite(v.logprob), "rank": v.rank, "decoded_token": self._token_str(t)}
+                        for t, v in [own, *self._top(e, k)]})  # fmt: skip
+        return out
+
+    def _chat_logprobs(self, token_ids: list[int], entries: list | None, k: int) -> dict | None:
         if entries is None:
             return None
         content = []
         for tid, entry in zip(token_ids, entries):
             tok = self._token_str(tid)
             lp = entry.get(tid).logprob if entry and tid in entry else 0.0
-            tops = sorted(((t, v) for t, v in (entry or {}).items() if v.rank is not None), key=lambda x: x[1].rank)
+            tops = self._top(entry, k)
             content.append({"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode()),
                             "top_logprobs": [{"token": self._token_str(t), "logprob": _finite(v.logprob),
                                               "bytes": list(self._token_str(t).encode())} for t, v in tops]})  # fmt: skip
         return {"content": content}
 
-    def _completion_logprobs(self, token_ids, entries, offset: int) -> dict:
+    def _completion_logprobs(self, token_ids, entries, offset: int, k: int) -> dict:
+        """The legacy completions `logprobs` object for token_ids, whose text starts at `offset`; k top tokens."""
         tokens, lps, tops, offsets = [], [], [], []
         pos = offset
         for tid, entry in zip(token_ids, entries or []):
             tok = self._token_str(tid)
             tokens.append(tok)
             lps.append(_finite(entry.get(tid).logprob) if entry and tid in entry else 0.0)
-            ranked = sorted(((t, v) for t, v in (entry or {}).items() if v.rank is not None), key=lambda x: x[1].rank)
-            tops.append({self._token_str(t): _finite(v.logprob) for t, v in ranked} or None)
+            tops.append({self._token_str(t): _finite(v.logprob) for t, v in self._top(entry, k)} or None)
             offsets.append(pos)
             pos += len(tok)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -630,11 +666,14 @@ class _Server:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts = self._completion_prompts(req.prompt)
+        scored = req.prompt_logprobs  # an echo with logprobs scores the echoed prompt, as OpenAI's legacy API does
+        if req.echo and req.logprobs is not None:
+            scored = max(req.logprobs, scored or 0)
         jobs, texts = [], []
         for p_index, (text, ids) in enumerate(prompts):
             max_tokens = self._max_tokens(req.max_tokens, len(ids), 16)
             for i in range(req.n):
-                params = self._params(req, max_tokens, req.logprobs, i)
+                params = self._params(req, max_tokens, req.logprobs, i, scored)
                 jobs.append(_Job(p_index * req.n + i, ids, params, ReasoningConfig(False), False))
                 texts.append(text)
         rid = new_id("cmpl")
@@ -648,13 +687,26 @@ class _Server:
             text = "".join(job.text)
             lp = None
             if req.logprobs is not None:
-                lp = self._completion_logprobs(job.token_ids, job.logprobs, len(ptext) if req.echo else 0)
-            choices.append({"index": job.index, "text": (ptext + text) if req.echo else text, "logprobs": lp,
-                            "finish_reason": job.finish_reason})  # fmt: skip
+                lp = self._completion_logprobs(job.token_ids, job.logprobs, len(ptext) if req.echo else 0, req.logprobs)
+                if req.echo:
+                    lp = _joined(self._echo_logprobs(job, req.logprobs), lp)
+            choice = {"index": job.index, "text": (ptext + text) if req.echo else text, "logprobs": lp,
+                      "finish_reason": job.finish_reason}  # fmt: skip
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(job.prompt_logprobs, req.prompt_logprobs)
+            choices.append(choice)
         self.metrics.request_done("/v1/completions", 200)
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return {"id": rid, "object": "text_completion", "created": now(), "model": name, "choices": choices,
                 "usage": _usage(prompt_tokens, jobs, reasoning=False)}  # fmt: skip
+
+    def _echo_logprobs(self, job: _Job, k: int) -> dict:
+        """The echoed prompt's part of a completion's `logprobs`: null for its first token, which nothing predicts
+        (and for all, should the request have ended before its prompt was scored)."""
+        entries = job.prompt_logprobs or [None] * len(job.prompt_ids)
+        lp = self._completion_logprobs(job.prompt_ids, entries, 0, k)
+        lp["token_logprobs"] = [None] + lp["token_logprobs"][1:] if job.prompt_logprobs else [None] * len(entries)
+        return lp
 
     async def _completion_stream(self, rid, name, jobs, texts, req: CompletionRequest, include_usage: bool):
         created, start = now(), time.monotonic()
@@ -666,12 +718,16 @@ class _Server:
             c = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             return _sse({"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [c]})
 
+        echoes = dict(zip((j.index for j in jobs), texts)) if req.echo else {}
         try:
-            if req.echo:
+            if req.echo and req.logprobs is None:
                 for job, ptext in zip(jobs, texts):
                     offsets[job.index] = len(ptext)
-                    yield chunk(job.index, ptext)
+                    yield chunk(job.index, echoes.pop(job.index))
             async for job, piece in self._merged(jobs, rid):
+                if job.index in echoes:  # echo with logprobs: the prompt's text goes out with its scores
+                    offsets[job.index] = len(echoes[job.index])
+                    yield chunk(job.index, echoes.pop(job.index), logprobs=self._echo_logprobs(job, req.logprobs))
                 if piece is None:
                     yield chunk(job.index, "", job.finish_reason)
                     continue
@@ -685,7 +741,7 @@ class _Server:
                     last = t
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs(piece.token_ids, piece.logprobs, offsets[job.index])
+                    lp = self._completion_logprobs(piece.token_ids, piece.logprobs, offsets[job.index], req.logprobs)
                 offsets[job.index] += len(piece.text)
                 if piece.text or lp:
                     yield chunk(job.index, piece.text, logprobs=lp)
@@ -762,6 +818,11 @@ def _usage(prompt_tokens: int, jobs: list[_Job], reasoning: bool = True) -> dict
     if reasoning:
         usage["completion_tokens_details"] = {"reasoning_tokens": sum(j.reasoning_tokens for j in jobs)}
     return usage
+
+
+def _joined(a: dict, b: dict) -> dict:
+    """Two legacy `logprobs` objects (echoed prompt, then completion) as one."""
+    return {key: a[key] + b[key] for key in a}
 
 
 def _finite(x: float) -> float:

@@ -22,15 +22,20 @@ PROMPT_LENS = (5, 17, 1, 33, 9)
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
+def hf_and_ours(seed: int) -> tuple[HFModel, NemotronHForCausalLM]:
+    """transformers' NemotronH of CONFIG with random weights (torch seed `seed`), and ours holding the same."""
+    torch.manual_seed(seed)
     hf_cfg = {k: v for k, v in CONFIG.to_dict().items() if k not in ("architectures", "model_type")}
     hf = HFModel(NemotronHConfig(**hf_cfg)).eval()
     ours = NemotronHForCausalLM(CONFIG).eval()
     state = {k.replace("model.", "backbone.", 1): v for k, v in hf.state_dict().items()}
     ours.load_state_dict(state)
     return hf, ours
+
+
+@pytest.fixture(scope="module")
+def models():
+    return hf_and_ours(0)
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,8 @@ def test_structured_output_parses(real, fmt):
                 "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integr"}}}},
             },
         },
+        {"messages": HI, "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}},  # a renderer option, not a variable
+        {"messages": HI, "chat_template_kwargs": {"continue_final_message": True}},
     ],
 )
 def test_bad_requests_real(real, body):
