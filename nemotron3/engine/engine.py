@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,9 +69,14 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list | None = None  # [None, entry for prompt token 1, ...] as far as computed
+    parked: list[Sequence] = field(default_factory=list)  # samples 1 … n-1 until sample 0 has the prompt (_fork)
 
 
 class LLMEngine:
+    # n > 1: the request's first sample prefills the prompt and the others start from copies of its cache (_fork);
+    # an engine that keeps more per-sequence state than the cache holds (speculative.py) prefills each sample.
+    fork_samples = True
+
     def __init__(
         self,
         model: NemotronHForCausalLM,
@@ -125,6 +130,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
+        self._check_token_ids(params)
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer; use stop_token_ids instead")
         if len(ids) >= self.max_model_len:
@@ -140,8 +146,20 @@ class LLMEngine:
                 gen = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
             seq = Sequence(next(self._seq_ids), request_id, index, ids, params, next(self._arrivals), gen)
             req.seqs.append(seq)
-            self.scheduler.add(seq)
+            if index and self.fork_samples:
+                req.parked.append(seq)
+            else:
+                self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """logit_bias and allowed_token_ids name tokens of this model's vocabulary."""
+        vocab = self.model.config.vocab_size
+        named = (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()))
+        for name, ids in named:
+            bad = sorted(t for t in ids if t >= vocab)
+            if bad:
+                raise ValueError(f"SamplingParams.{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -217,6 +235,8 @@ class LLMEngine:
         logits = self.runner.step(segments)
         if any(c.all_logits for c in chunks):
             logits = self._take_prompt_logprobs(sched.prefills, chunks, logits, len(sched.decodes))
+        if finished:
+            logits = self._fork(sampled, logits)
         changed: dict[str, _Request] = {}
         if sampled:
             self._sample_and_append(sampled, logits)
@@ -252,6 +272,29 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         return segments, finished
+
+    def _fork(self, sampled: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Start the parked samples of every request whose first sample just finished its prompt: each gets a copy of
+        that sample's cache (HybridCache.fork) and joins this step's sampling with the same logits row (its own seed
+        draws its own token). Samples that find no room prefill the prompt themselves, queued as usual. Extends
+        `sampled` in place; returns the logits with the forked rows appended."""
+        rows = []
+        for row, seq in enumerate(list(sampled)):
+            req = self.requests[seq.request_id]
+            if not req.parked or seq.output_ids:
+                continue
+            for child in req.parked:
+                room = len(self.scheduler.running) < self.config.max_num_seqs and self.cache.can_fork(seq.cache)
+                if not room:
+                    self.scheduler.add(child)
+                    continue
+                child.cache = self.cache.fork(seq.cache)
+                child.status = Status.RUNNING
+                self.scheduler.running.append(child)
+                sampled.append(child)
+                rows.append(row)
+            req.parked = []
+        return torch.cat([logits, logits[rows]]) if rows else logits
 
     @staticmethod
     def _scores_prompt(req: _Request, seq: Sequence, start: int, n: int) -> bool:
@@ -392,5 +435,6 @@ def _plain_greedy(s: Sequence) -> bool:
         and p.logprobs is None
         and not p.logits_processors
         and not p.has_penalties
+        and not p.edits_logits
         and len(s.output_ids) >= p.min_tokens
     )

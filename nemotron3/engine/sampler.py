@@ -43,6 +43,8 @@ class SamplingTensors:
     any_penalty: bool
     max_logprobs: int  # largest `logprobs` asked for in the batch, -1 if none
     processors: list[list] | None = None  # [B] each row's SamplingParams.logits_processors; None if no row has any
+    # rows with logit_bias / allowed_token_ids: (row, bias token ids, biases, allowed ids or None); None if no row has
+    edits: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     @classmethod
     def build(
@@ -69,6 +71,7 @@ class SamplingTensors:
             any_penalty=any(p.has_penalties for p in params),
             max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
             processors=[list(p.logits_processors) for p in params] if any_processors else None,
+            edits=[_edit(row, p, device) for row, p in enumerate(params) if p.edits_logits] or None,
         )
 
 
@@ -192,6 +195,8 @@ def sample(
     raw = logits  # logprobs stay those of the model, before any processor or penalty
     if t.processors is not None:
         logits = _apply_processors(logits, t.processors)
+    if t.edits is not None:
+        logits = apply_edits(logits, t.edits)
     if t.any_penalty:
         if output_counts is None:
             raise ValueError("penalties requested but no output_counts given to the sampler")
@@ -209,6 +214,27 @@ def sample(
     if t.max_logprobs < 0:
         return SampleResult(tokens, None, None, None)
     return token_logprobs(raw, tokens, t.max_logprobs)
+
+
+# ---------------------------------------------------------------- logit_bias and allowed_token_ids
+def _edit(row: int, p: SamplingParams, device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    bias = p.logit_bias or {}
+    ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+    allowed = p.allowed_token_ids
+    allowed = None if allowed is None else torch.tensor(allowed, dtype=torch.long, device=device)
+    return row, ids, torch.tensor(list(bias.values()), dtype=torch.float32, device=device), allowed
+
+
+def apply_edits(logits: torch.Tensor, edits: list) -> torch.Tensor:
+    """A copy of logits [B, V]: an edited row keeps its allowed_token_ids (the rest -inf), then adds its logit_bias."""
+    logits = logits.clone()
+    for row, ids, bias, allowed in edits:
+        if allowed is not None:
+            kept = logits[row, allowed]
+            logits[row] = float("-inf")
+            logits[row, allowed] = kept
+        logits[row].index_add_(0, ids, bias.to(logits.dtype))
+    return logits
 
 
 # ---------------------------------------------------------------- logits-processor hook (SamplingParams.logits_processors)

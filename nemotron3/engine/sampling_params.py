@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,10 @@ class SamplingParams:
     `prompt_logprobs=k` does the same for every prompt token after the first (RequestOutput.prompt_logprobs), which
     is how a prompt is scored (perplexity, multiple-choice log-likelihoods). Both are the raw model distribution's,
     before temperature, penalties or processors, as vLLM returns them by default.
+
+    logit_bias {token_id: bias} adds each bias to that token's logit (OpenAI's and vLLM's field: -100 bans a token,
+    +100 all but forces it); allowed_token_ids keeps only those tokens' logits (vLLM). Both act before penalties,
+    temperature and the truncations, on every sample of the request.
 
     logits_processors (hook for constrained decoding, e.g. the server's response_format): callables
     `proc(logits: Tensor[V]) -> Tensor[V]` applied, in order, to this sample's raw logits before penalties
@@ -40,6 +45,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
     logits_processors: list = field(default_factory=list)
@@ -55,6 +62,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def edits_logits(self) -> bool:
+        """logit_bias or allowed_token_ids set: the sampler changes this row's logits before anything else."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -83,11 +95,28 @@ class SamplingParams:
             self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
             "prompt_logprobs", "must be None or an integer >= 0", self.prompt_logprobs,
         )  # fmt: skip
+        bias, allowed = self.logit_bias, self.allowed_token_ids
+        _check(
+            bias is None or (isinstance(bias, dict) and all(_token_id(t) and _finite(v) for t, v in bias.items())),
+            "logit_bias", "must map token ids (integers >= 0) to finite numbers", bias,
+        )  # fmt: skip
+        _check(
+            allowed is None or (isinstance(allowed, list) and bool(allowed) and all(map(_token_id, allowed))),
+            "allowed_token_ids", "must be None or a non-empty list of token ids (integers >= 0)", allowed,
+        )  # fmt: skip
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be None or an integer", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
         _check(all(callable(f) for f in self.logits_processors), "logits_processors", "must be callables", self.logits_processors)
         _check(not self.logits_processors or self.n == 1, "logits_processors", "keep per-sequence state: they need n == 1", self.n)
+
+
+def _token_id(t: object) -> bool:
+    return isinstance(t, int) and t >= 0
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

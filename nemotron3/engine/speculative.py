@@ -314,6 +314,8 @@ class _SpecState:
 class SpeculativeEngine(LLMEngine):
     """LLMEngine that decodes with MTP drafts and one verify forward per step (module docstring)."""
 
+    fork_samples = False  # the MTP state of a sequence (_SpecState) is not in the cache a fork copies
+
     def __init__(
         self,
         model: NemotronHForCausalLM,
@@ -335,7 +337,8 @@ class SpeculativeEngine(LLMEngine):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _speculates(seq: Sequence) -> bool:
-        return not seq.params.has_penalties
+        """Penalties and logit edits are applied by the plain sampler: such sequences decode one token a step."""
+        return not (seq.params.has_penalties or seq.params.edits_logits)
 
     def _state_of(self, seq: Sequence) -> _SpecState:
         st = self._state.get(seq)

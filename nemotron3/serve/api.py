@@ -288,7 +288,13 @@ class _Server:
             "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
             "include_stop_str_in_output": req.include_stop_str_in_output,
             "seed": None if req.seed is None else req.seed + seed_offset,
+            "logit_bias": _logit_bias(req.logit_bias), "allowed_token_ids": req.allowed_token_ids,
         }  # fmt: skip
+        for name, ids in (("logit_bias", opts["logit_bias"] or ()), ("allowed_token_ids", req.allowed_token_ids or ())):
+            bad = [t for t in ids if not 0 <= t < self.client.vocab_size]  # refused before a stream starts
+            if bad:
+                raise APIError(400, f"{name}: token ids {bad[:5]} are outside the vocabulary "
+                               f"[0, {self.client.vocab_size})", param=name)  # fmt: skip
         try:
             return SamplingParams(**opts)
         except ValueError as e:
@@ -818,6 +824,21 @@ def _usage(prompt_tokens: int, jobs: list[_Job], reasoning: bool = True) -> dict
     if reasoning:
         usage["completion_tokens_details"] = {"reasoning_tokens": sum(j.reasoning_tokens for j in jobs)}
     return usage
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON keys, biases in [-100, 100]) as SamplingParams wants it."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                           param="logit_bias")  # fmt: skip
+        out[int(key)] = float(value)
+    return out
 
 
 def _joined(a: dict, b: dict) -> dict:

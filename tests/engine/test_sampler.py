@@ -1,5 +1,6 @@
 """Sampler: distributions against exact probabilities on a small vocabulary, seeds, penalties, validation."""
 
+import dataclasses
 import math
 
 import pytest
@@ -62,6 +63,40 @@ def test_empirical_distribution_matches_exact(params):
     assert torch.all(freq[p == 0] == 0)  # masked tokens are never drawn
 
 
+@pytest.mark.parametrize(
+    "params, edited",
+    [
+        (
+            SamplingParams(temperature=1.0, logit_bias={7: 4.0, 0: -1.5}),
+            LOGITS + torch.tensor([-1.5, 0, 0, 0, 0, 0, 0, 4.0]),
+        ),
+        (SamplingParams(temperature=0.8, top_k=2, allowed_token_ids=[6, 3, 5]),
+         torch.tensor([-torch.inf, -torch.inf, -torch.inf, 0.5, -torch.inf, -0.5, -1.0, -torch.inf])),
+        (SamplingParams(temperature=1.0, allowed_token_ids=[1, 4], logit_bias={4: 2.0, 2: 9.0}),
+         torch.tensor([-torch.inf, 1.5, -torch.inf, -torch.inf, 2.0, -torch.inf, -torch.inf, -torch.inf])),
+    ],
+)
+def test_logit_edits_sample_from_the_edited_distribution(params, edited):
+    """logit_bias / allowed_token_ids: draws follow softmax of the edited logits (then temperature and top-k), and
+    logprobs stay the raw model's."""
+    n, rows = 40_000, 2_000
+    t = SamplingTensors.build([dataclasses.replace(params, logprobs=0)] * rows, [None] * rows)
+    torch.manual_seed(4321)
+    counts = torch.zeros(V)
+    for _ in range(n // rows):
+        res = sample(LOGITS.expand(rows, V).clone(), t)
+        counts += torch.bincount(res.token_ids, minlength=V).float()
+    assert torch.allclose(res.logprobs, LOGITS.log_softmax(-1)[res.token_ids])
+    p = (edited.double() / params.temperature).softmax(-1)
+    if params.top_k > 0:
+        p = torch.where(p >= p.sort(descending=True).values[params.top_k - 1], p, 0.0)
+        p = p / p.sum()
+    p, freq = p.float(), counts / n
+    sigma = (p * (1 - p) / n).sqrt()  # as above: 5 binomial standard errors
+    assert torch.all((freq - p).abs() <= 5 * sigma + 1e-9), (freq, p)
+    assert torch.all(freq[p == 0] == 0)
+
+
 def test_seeded_rows_reproduce_and_unseeded_rows_do_not_interfere():
     params = SamplingParams(temperature=1.0, seed=7)
     runs = []
@@ -117,6 +152,11 @@ def test_logprobs_are_raw_model_logprobs():
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [3, -2]}, "allowed_token_ids"),
     ],
 )
 def test_bad_params_name_the_parameter(kwargs, name):

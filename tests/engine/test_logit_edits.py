@@ -1,0 +1,83 @@
+"""logit_bias and allowed_token_ids through the engine: greedy choices against transformers' logits, the speculative
+engine, and refusals."""
+
+import pytest
+import torch
+
+from nemotron3 import SamplingParams
+from nemotron3.engine.llm import LLM
+from tests.engine.test_engine import CONFIG, hf_and_ours
+
+ALLOWED = [7, 19, 42, 100, 250, 311]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return hf_and_ours(5)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(3, CONFIG.vocab_size, (13,), generator=torch.Generator().manual_seed(6)).tolist()
+
+
+def reference_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+def test_greedy_with_allowed_tokens_is_the_argmax_among_them(models, prompt):
+    hf, ours = models
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, allowed_token_ids=ALLOWED)
+    out = LLM(ours, max_num_batched_tokens=5).generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
+    logits = reference_logits(hf, prompt + out)[len(prompt) - 1 : -1]
+    assert out == [ALLOWED[i] for i in logits[:, ALLOWED].argmax(-1).tolist()]
+
+
+def test_a_ban_and_a_boost_move_the_greedy_choice(models, prompt):
+    hf, ours = models
+    llm = LLM(ours)
+    plain = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1))[0]
+    first = plain.outputs[0].token_ids[0]
+    row = reference_logits(hf, prompt)[-1]
+    banned = llm.generate({"prompt_token_ids": prompt},
+                          SamplingParams(temperature=0.0, max_tokens=1, logit_bias={first: -100.0}))[0]  # fmt: skip
+    assert banned.outputs[0].token_ids[0] == row.topk(2).indices[1].item()
+    weakest = int(row.argmin())
+    boosted = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=3,
+                                                                         logit_bias={weakest: 100.0}))[0]  # fmt: skip
+    assert boosted.outputs[0].token_ids == [weakest] * 3
+
+
+def test_the_speculative_engine_decodes_edited_rows_as_the_plain_one(models, prompt):
+    from nemotron3.config import preset
+    from nemotron3.model import NemotronHForCausalLM
+
+    model = NemotronHForCausalLM(preset("tiny"))  # a model with an MTP block; vocabulary 256
+    model.init_weights(torch.Generator().manual_seed(0))
+    allowed = [t for t in ALLOWED if t < 256]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logit_bias={5: 3.0, 9: -100.0}),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),  # speculates beside them
+    ]
+    prompts = [{"prompt_token_ids": [t % 256 for t in prompt]}] * 3
+    spec = LLM(model.eval(), speculative_config={"method": "mtp", "num_speculative_tokens": 2},
+               kv_cache_memory_bytes=8 << 20).generate(prompts, params)  # fmt: skip
+    plain = LLM(model, kv_cache_memory_bytes=8 << 20).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert set(spec[0].outputs[0].token_ids) <= set(allowed) and 9 not in spec[1].outputs[0].token_ids
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        (SamplingParams(logit_bias={CONFIG.vocab_size: 1.0}), "logit_bias"),
+        (SamplingParams(allowed_token_ids=[3, CONFIG.vocab_size + 7]), "allowed_token_ids"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(models, prompt, params, name):
+    llm = LLM(models[1])
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name}: token ids"):
+        llm.generate({"prompt_token_ids": prompt}, params)
+    assert not llm.engine.has_unfinished_requests()

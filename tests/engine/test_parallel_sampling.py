@@ -1,0 +1,111 @@
+"""n > 1: the first sample prefills the prompt, the others fork its cache (HybridCache.fork, LLMEngine._fork)."""
+
+import pytest
+import torch
+
+from nemotron3 import SamplingParams
+from nemotron3.engine.engine import EngineConfig, LLMEngine
+from tests.engine.test_engine import CONFIG, assert_pools_empty, hf_and_ours
+from tests.engine.test_speculative import run
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def models():
+    return hf_and_ours(7)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(3, CONFIG.vocab_size, (29,), generator=torch.Generator().manual_seed(8)).tolist()
+
+
+def counting(engine: LLMEngine) -> list[int]:
+    """Prompt tokens the runner is fed, step by step (decode rows not counted)."""
+    fed, step = [], engine.runner.step
+
+    def counting_step(segments):
+        fed.append(sum(len(s.tokens) for s in segments if not s.decode))
+        return step(segments)
+
+    engine.runner.step = counting_step
+    return fed
+
+
+def test_greedy_samples_fork_one_prefill_and_match_transformers(models, prompt):
+    hf, ours = models
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    engine = LLMEngine(ours, config=EngineConfig(max_num_batched_tokens=11))  # the prompt in 3 chunks
+    fed = counting(engine)
+    engine.add_request("r", prompt, SamplingParams(n=4, temperature=0.0, max_tokens=NEW, ignore_eos=True))
+    out = run(engine)["r"]
+    assert [c.token_ids for c in out.outputs] == [want[0, len(prompt) :].tolist()] * 4
+    assert sum(fed) == len(prompt)  # one prefill for the four samples
+    assert_pools_empty(engine)
+
+
+@pytest.mark.parametrize("options", [{}, {"logprobs": 2, "presence_penalty": 0.5, "top_k": 50}])
+def test_forked_samples_draw_what_prefilled_ones_draw(models, prompt, options):
+    """Seeded sampling: a forked sample starts from a bit-exact copy of the state its own prefill would compute, so
+    its tokens are those of the engine that prefills every sample."""
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=NEW, ignore_eos=True, seed=11, **options)
+    outs = []
+    for fork in (True, False):
+        engine = LLMEngine(models[1], config=EngineConfig(max_num_batched_tokens=512))
+        engine.fork_samples = fork
+        fed = counting(engine)
+        engine.add_request("r", prompt, params)
+        outs.append(run(engine)["r"])
+        assert sum(fed) == len(prompt) * (1 if fork else 3)
+        assert_pools_empty(engine)
+    forked, prefilled = outs
+    assert [c.token_ids for c in forked.outputs] == [c.token_ids for c in prefilled.outputs]
+    assert len({tuple(c.token_ids) for c in forked.outputs}) > 1  # the samples differ from one another
+    if "logprobs" in options:
+        for a, b in zip(forked.outputs, prefilled.outputs):
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+
+
+def test_samples_without_room_to_fork_prefill_themselves(models, prompt):
+    cfg = EngineConfig(block_size=8, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64)
+    engine = LLMEngine(models[1], config=cfg)
+    engine.cache.free_blocks.take(engine.cache.num_blocks - 6)  # 48 K/V tokens: a fork (4 blocks) does not fit
+    fed = counting(engine)
+    engine.add_request("r", prompt, SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True))
+    out = run(engine)["r"]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids and sum(fed) == 2 * len(prompt)
+    assert len(engine.cache.free_blocks) == 6 and len(engine.cache.free_slots) == 4
+
+
+def test_aborting_while_samples_wait_for_the_prompt_frees_everything(models, prompt):
+    engine = LLMEngine(models[1], config=EngineConfig(max_num_batched_tokens=8))
+    engine.add_request("r", prompt, SamplingParams(n=3, max_tokens=4))
+    engine.step()  # the first sample is mid-prompt; the others wait for it
+    out = engine.abort("r")
+    assert [c.finish_reason for c in out.outputs] == ["abort"] * 3
+    assert not engine.has_unfinished_requests()
+    assert_pools_empty(engine)
+
+
+def test_a_fork_copies_state_and_kv_into_its_own_slot_and_blocks(models, prompt):
+    engine = LLMEngine(models[1], config=EngineConfig(block_size=8))
+    cache = engine.cache
+    engine.add_request("s", prompt, SamplingParams(max_tokens=2))
+    engine.step()  # the prompt is in the cache
+    parent = engine.requests["s"].seqs[0].cache
+    child = cache.fork(parent)
+    assert child.slot != parent.slot and not set(child.blocks) & set(parent.blocks)
+    assert child.num_tokens == parent.num_tokens and len(child.blocks) == -(-parent.num_tokens // 8)
+    for pool in (cache.conv, cache.ssm):
+        assert torch.equal(pool[:, child.slot], pool[:, parent.slot])
+    mine, theirs = (
+        cache.token_positions(child, 0, parent.num_tokens),
+        cache.token_positions(parent, 0, parent.num_tokens),
+    )
+    assert torch.equal(cache.k[:, :, mine], cache.k[:, :, theirs]) and torch.equal(
+        cache.v[:, :, mine], cache.v[:, :, theirs]
+    )
+    assert cache.k[:, :, theirs].abs().sum() > 0
+    cache.close(child)
