@@ -97,6 +97,21 @@ def test_logit_edits_sample_from_the_edited_distribution(params, edited):
     assert torch.all(freq[p == 0] == 0)
 
 
+def test_draw_inverts_unnormalised_rows_and_never_picks_an_empty_interval():
+    """Zero-probability tokens at both ends and in the middle (empty CDF intervals) are never drawn; the others come
+    with their share of the row's total, which need not be 1."""
+    from nemotron3.engine.sampler import draw
+
+    probs = torch.tensor([0.0, 2.0, 0.0, 0.0, 6.0, 0.0]).expand(20_000, 6)
+    torch.manual_seed(5)
+    counts = torch.bincount(draw(probs, [None] * 20_000), minlength=6).float()
+    p = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.75, 0.0])
+    sigma = (p * (1 - p) / 20_000).sqrt()  # 5 binomial standard errors, as above
+    assert torch.all((counts / 20_000 - p).abs() <= 5 * sigma) and torch.all(counts[p == 0] == 0)
+    seeded = [draw(probs[:2], [torch.Generator().manual_seed(3), None])[0].item() for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
 def test_seeded_rows_reproduce_and_unseeded_rows_do_not_interfere():
     params = SamplingParams(temperature=1.0, seed=7)
     runs = []

@@ -132,7 +132,10 @@ def test_teacher_preference_pulls_the_student(base_checkpoint, tmp_path) -> None
 
     p0 = favoured_prob()
     kls = [trainer.train_step()["kl"] for _ in range(10)]
-    assert favoured_prob() > 5 * p0, (p0, favoured_prob(), kls)  # sampled FAVOURED tokens get A ≈ +bonus
+    # Sampled FAVOURED tokens get A ≈ +bonus. Over run seeds 0-4 the probability grew 4.9-39× (seed 0: 4.9× on one
+    # thread, 5.9× on two: the rollouts' draws follow the float sums); with bonus 0 it stays at 1.0×. 3× separates
+    # the two without riding on one seed's draws.
+    assert favoured_prob() > 3 * p0, (p0, favoured_prob(), kls)
 
 
 def test_prompts_are_routed_to_their_domain_teacher(base_checkpoint, tmp_path) -> None:
