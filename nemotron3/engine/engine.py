@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nemotron3.engine.cache import CacheConfig, HybridCache
+from nemotron3.engine.detokenizer import IncrementalDetokenizer
 from nemotron3.engine.gc_heap import freeze_gc_heap
 from nemotron3.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nemotron3.engine.runner import WEIGHT_DTYPES, ModelRunner, Segment, narrow_weight_storage
@@ -371,22 +372,30 @@ class LLMEngine:
         s.logprobs.append(entry)
 
     def _check_stop(self, s: Sequence, tok: int) -> None:
-        p = s.params
-        n_out = len(s.output_ids)
+        """After token `tok` joined s.output_ids: its text (incrementally, engine/detokenizer.py), then the stop
+        strings, end-of-sequence and stop tokens, max_tokens and the context limit, in that order."""
+        reason, stop_reason = self._ending(s, tok)
         if self.tokenizer is not None:
             prev = len(s.text)
-            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=p.skip_special_tokens)
-            if p.stop and self._apply_stop_strings(s, prev):
+            if s.detok is None:
+                s.detok = IncrementalDetokenizer(self.tokenizer, s.params.skip_special_tokens)
+            s.text = s.detok.add(s.output_ids, final=reason is not None)
+            if s.params.stop and self._apply_stop_strings(s, prev):
                 return
+        if reason is not None:
+            self._finish(s, reason, stop_reason)
+
+    def _ending(self, s: Sequence, tok: int) -> tuple[str | None, int | None]:
+        """(finish_reason, stop_reason) if `tok` ends the sequence other than by a stop string, else (None, None)."""
+        p, n_out = s.params, len(s.output_ids)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok in self.eos_ids:
-                return self._finish(s, "stop", None)
+                return "stop", None
             if tok in p.stop_token_ids:
-                return self._finish(s, "stop", tok)
-        if p.max_tokens is not None and n_out >= p.max_tokens:
-            return self._finish(s, "length", None)
-        if len(s.prompt_ids) + n_out >= self.max_model_len:
-            return self._finish(s, "length", None)
+                return "stop", tok
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(s.prompt_ids) + n_out >= self.max_model_len:
+            return "length", None
+        return None, None
 
     def _apply_stop_strings(self, s: Sequence, prev_len: int) -> bool:
         """End at the first stop string that appears in the new text (trimmed unless asked to keep it)."""

@@ -17,6 +17,7 @@ from enum import Enum
 import torch
 
 from nemotron3.engine.cache import HybridCache, SeqCache
+from nemotron3.engine.detokenizer import IncrementalDetokenizer
 from nemotron3.engine.sampling_params import SamplingParams
 
 
@@ -43,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""
+    detok: IncrementalDetokenizer | None = None  # the engine's incremental decoding of output_ids into `text`
     cumulative_logprob: float = 0.0
     logprobs: list = field(default_factory=list)
     num_preemptions: int = 0
