@@ -9,6 +9,7 @@ that error and the loop keeps serving the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from collections.abc import AsyncIterator
@@ -27,22 +28,25 @@ class AsyncLLM:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._closed = False
+        self._holds = 0  # open holding() blocks: the loop takes no step meanwhile
         self._thread = threading.Thread(target=self._run, name="nemotron3-engine", daemon=True)
         self._thread.start()
 
     async def generate(
-        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+        self, prompt: str | dict | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        fork_of: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """Yield RequestOutputs holding only what is new since the previous one; the last has finished=True.
 
-        Invalid requests raise ValueError before anything is yielded.
+        Invalid requests raise ValueError before anything is yielded. fork_of: LLMEngine.add_request's (a request
+        with the same prompt whose cache this one may copy instead of prefilling).
         """
         if self._closed:
             raise RuntimeError("AsyncLLM is shut down")
         rid = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            self.engine.add_request(rid, prompt, params)
+            self.engine.add_request(rid, prompt, params, fork_of=fork_of)
             self._queues[rid] = (asyncio.get_running_loop(), queue)
         self._wake.set()
         sent: dict[int, tuple[int, int]] = {}
@@ -60,6 +64,18 @@ class AsyncLLM:
             if not finished:
                 self.abort(rid)
 
+    @contextlib.contextmanager
+    def holding(self):
+        """While held, the engine loop takes no new step, so requests added meanwhile start in the same step: a
+        server's n samples of one prompt arrive as n requests, and the later ones can fork the first one's prefill
+        (fork_of) only if it has not run yet. Hold for an event-loop turn, not longer: nothing decodes meanwhile."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._wake.set()
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.engine.abort(request_id)
@@ -73,7 +89,7 @@ class AsyncLLM:
     def _run(self) -> None:
         while not self._closed:
             with self._lock:
-                busy = self.engine.has_unfinished_requests()
+                busy = self.engine.has_unfinished_requests() and not self._holds
                 if busy:
                     try:
                         outputs = self.engine.step()

@@ -124,9 +124,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | None = None
-    ) -> None:
-        """Validate and queue a request. Prompts: text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | None = None,
+        fork_of: str | None = None,
+    ) -> None:  # fmt: skip
+        """Validate and queue a request. Prompts: text, a list of token ids, or {"prompt_token_ids": [...]}.
+
+        fork_of: the id of a request with the same prompt (a server's n samples arrive as n requests): while that
+        request's first sample has not finished the prompt, this one waits and then starts from a copy of its
+        cache instead of prefilling (_fork). Otherwise, or for another prompt, the request is queued as usual."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -141,17 +146,29 @@ class LLMEngine:
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
+        source = self._fork_source(fork_of, ids)
         for index in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
             seq = Sequence(next(self._seq_ids), request_id, index, ids, params, next(self._arrivals), gen)
             req.seqs.append(seq)
-            if index and self.fork_samples:
+            if source is not None:
+                source.parked.append(seq)
+            elif index and self.fork_samples:
                 req.parked.append(seq)
             else:
                 self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    def _fork_source(self, fork_of: str | None, ids: list[int]) -> _Request | None:
+        """The request whose first sample a new request with prompt `ids` can fork from, if any (add_request)."""
+        source = self.requests.get(fork_of) if fork_of is not None and self.fork_samples else None
+        if source is None or source.prompt_ids != ids:
+            return None
+        first = source.seqs[0]
+        started = first.output_ids or first.status is Status.FINISHED  # past its prompt: nothing left to share
+        return None if started else source
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """logit_bias and allowed_token_ids name tokens of this model's vocabulary."""
@@ -195,6 +212,10 @@ class LLMEngine:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+        for seq in req.parked:  # other requests' samples that waited to fork from this one: they prefill instead
+            if seq.request_id != request_id and seq.status is not Status.FINISHED:
+                self.scheduler.add(seq)
+        req.parked = []
         return self._output(req)
 
     @staticmethod
@@ -277,14 +298,19 @@ class LLMEngine:
     def _fork(self, sampled: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Start the parked samples of every request whose first sample just finished its prompt: each gets a copy of
         that sample's cache (HybridCache.fork) and joins this step's sampling with the same logits row (its own seed
-        draws its own token). Samples that find no room prefill the prompt themselves, queued as usual. Extends
-        `sampled` in place; returns the logits with the forked rows appended."""
-        rows = []
-        for row, seq in enumerate(list(sampled)):
+        draws its own token). A forked sample's own parked samples (a request that forked from a forked one) fork in
+        turn. Samples that find no room prefill the prompt themselves, queued as usual. Extends `sampled` in place;
+        returns the logits with the forked samples' rows appended."""
+        source = list(range(len(sampled)))  # the logits row each sampled sequence reads
+        k = 0
+        while k < len(sampled):
+            seq, k = sampled[k], k + 1
             req = self.requests[seq.request_id]
             if not req.parked or seq.output_ids:
                 continue
             for child in req.parked:
+                if child.status is Status.FINISHED:  # its own request was aborted while it waited
+                    continue
                 room = len(self.scheduler.running) < self.config.max_num_seqs and self.cache.can_fork(seq.cache)
                 if not room:
                     self.scheduler.add(child)
@@ -293,9 +319,9 @@ class LLMEngine:
                 child.status = Status.RUNNING
                 self.scheduler.running.append(child)
                 sampled.append(child)
-                rows.append(row)
+                source.append(source[k - 1])
             req.parked = []
-        return torch.cat([logits, logits[rows]]) if rows else logits
+        return logits[source] if len(source) > logits.shape[0] else logits
 
     @staticmethod
     def _scores_prompt(req: _Request, seq: Sequence, start: int, n: int) -> bool:

@@ -153,12 +153,14 @@ async def stream_with_budget(
     in_reasoning: bool,
     request_id: str,
     processors: Callable[[bool], list] | None = None,
+    fork_of: str | None = None,
 ) -> AsyncIterator[Piece]:
     """Run one sample (params.n must be 1) and yield its Pieces, enforcing the reasoning budget.
 
     client.generate(prompt, params, request_id) is AsyncLLM's async iterator of RequestOutput deltas.
     processors(in_reasoning) builds fresh logits processors for a phase (e.g. a JSON constraint that waits
-    for the end of the span). Leaving the iteration early cancels the engine request.
+    for the end of the span). fork_of: the request id of another sample of the same prompt, whose prefill the first
+    phase may copy (LLMEngine.add_request). Leaving the iteration early cancels the engine request.
     """
     if params.n != 1:
         raise ValueError("stream_with_budget runs one sample: n must be 1")
@@ -181,8 +183,9 @@ async def stream_with_budget(
     scored = False  # the prompt logprobs went out in the first phase
     if not cut:
         sent_text = 0
+        shared = {"fork_of": fork_of} if fork_of is not None else {}
         agen = client.generate(
-            {"prompt_token_ids": list(prompt_ids)}, phase_params(total_max, in_reasoning, 0), request_id
+            {"prompt_token_ids": list(prompt_ids)}, phase_params(total_max, in_reasoning, 0), request_id, **shared
         )
         try:
             async for out in agen:

@@ -17,6 +17,7 @@ so that each sample has its own budget and constraint state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -58,7 +59,9 @@ from nemotron3.serve.protocol import (
 class EngineClient:
     """What the server needs from an engine; wraps an `AsyncLLM`. Tests may pass a double with these names.
 
-    generate(prompt, params, request_id) → async iterator of RequestOutput deltas (AsyncLLM.generate);
+    generate(prompt, params, request_id, fork_of=None) → async iterator of RequestOutput deltas (AsyncLLM.generate;
+    fork_of, passed only for the 2nd … nth sample of a prompt, names the request whose prefill it may copy);
+    optionally holding() → a context manager inside which added requests start in the same step;
     tokenizer, max_model_len, vocab_size, eos_ids; supports_logits_processors (False for the speculative
     engine, which does not apply them); stats() → gauges for /metrics; alive(); shutdown().
     """
@@ -73,8 +76,12 @@ class EngineClient:
         self.eos_ids = set(engine.eos_ids)
         self.supports_logits_processors = type(engine).__name__ == "LLMEngine"
 
-    def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator:
-        return self.async_llm.generate(prompt, params, request_id)
+    def generate(self, prompt, params: SamplingParams, request_id: str, fork_of: str | None = None) -> AsyncIterator:
+        return self.async_llm.generate(prompt, params, request_id, fork_of=fork_of)
+
+    def holding(self):
+        """AsyncLLM.holding: requests added inside start in the same engine step."""
+        return self.async_llm.holding()
 
     def stats(self) -> dict:
         e = self.engine
@@ -238,6 +245,7 @@ class _Job:
     finish_reason: str | None = None
     reasoning_tokens: int = 0
     prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when its params ask for them
+    fork_of: int | None = None  # the index of the job (same prompt) whose prefill this one copies
 
 
 class _Server:
@@ -274,13 +282,13 @@ class _Server:
         return requested
 
     def _params(
-        self, req, max_tokens: int, logprobs: int | None, seed_offset: int, prompt_logprobs: int | None = None
+        self, req, max_tokens: int, logprobs: int | None, seed_offset: int, prompt_logprobs: int | None
     ) -> SamplingParams:
         if req.stream and req.prompt_logprobs is not None:  # vLLM refuses it too: responses carry them, chunks do not
             raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         opts = {
             "n": 1, "max_tokens": max_tokens, "logprobs": logprobs, "min_tokens": min(req.min_tokens, max_tokens),
-            "prompt_logprobs": req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": req.top_k or 0, "min_p": req.min_p or 0.0,
             "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
@@ -390,8 +398,10 @@ class _Server:
         in_reasoning = reasoning.enabled and prompt_opens_thinking(prompt)
         processors = self._structured(req, in_reasoning)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        jobs = [_Job(i, prompt_ids, self._params(req, max_tokens, logprobs, i), reasoning, in_reasoning, processors)
-                for i in range(req.n)]  # fmt: skip
+        jobs = []  # the first sample prefills (and scores, for prompt_logprobs); the others copy its cache
+        for i in range(req.n):
+            params = self._params(req, max_tokens, logprobs, i, None if i else req.prompt_logprobs)
+            jobs.append(_Job(i, prompt_ids, params, reasoning, in_reasoning, processors, fork_of=0 if i else None))
         rid = new_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -424,6 +434,7 @@ class _Server:
         inner = stream_with_budget(
             self.client, job.prompt_ids, job.params, job.reasoning, self.think, self.tokenizer,
             in_reasoning=job.in_reasoning, request_id=f"{rid}-{job.index}", processors=job.processors,
+            fork_of=None if job.fork_of is None else f"{rid}-{job.fork_of}",
         )  # fmt: skip
         try:
             async for piece in inner:
@@ -454,7 +465,8 @@ class _Server:
             finally:
                 await gen.aclose()
 
-        task = asyncio.ensure_future(asyncio.gather(*(drain(j) for j in jobs)))
+        async with self._together():
+            task = asyncio.ensure_future(asyncio.gather(*(drain(j) for j in jobs)))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.cfg.disconnect_poll_s)
@@ -483,6 +495,15 @@ class _Server:
                 self.metrics.observe_itl((end - first) / (per_seq - 1))
         self.metrics.observe_e2e(end - start)
 
+    @contextlib.asynccontextmanager
+    async def _together(self):
+        """Start jobs inside: the engine waits while every started job adds its request (one event-loop turn each), so
+        a prompt's samples enter the same step and the later ones copy the first one's prefill (_Job.fork_of)."""
+        hold = getattr(self.client, "holding", None)
+        with hold() if hold is not None else contextlib.nullcontext():
+            yield
+            await asyncio.sleep(0)
+
     async def _merged(self, jobs: list[_Job], rid: str):
         """(job, piece) from all jobs as they come; (job, None) when a job ends; cancels all on exit."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -500,7 +521,8 @@ class _Server:
             finally:
                 await gen.aclose()
 
-        tasks = [asyncio.ensure_future(pump(j)) for j in jobs]
+        async with self._together():
+            tasks = [asyncio.ensure_future(pump(j)) for j in jobs]
         left = len(jobs)
         try:
             while left:
@@ -680,7 +702,9 @@ class _Server:
             max_tokens = self._max_tokens(req.max_tokens, len(ids), 16)
             for i in range(req.n):
                 params = self._params(req, max_tokens, req.logprobs, i, scored)
-                jobs.append(_Job(p_index * req.n + i, ids, params, ReasoningConfig(False), False))
+                first = p_index * req.n  # the prompt's first sample: the others copy its prefill, unless each scores
+                fork_of = first if i and scored is None else None
+                jobs.append(_Job(first + i, ids, params, ReasoningConfig(False), False, fork_of=fork_of))
                 texts.append(text)
         rid = new_id("cmpl")
         if req.stream:

@@ -109,3 +109,46 @@ def test_a_fork_copies_state_and_kv_into_its_own_slot_and_blocks(models, prompt)
     )
     assert cache.k[:, :, theirs].abs().sum() > 0
     cache.close(child)
+
+
+def fork_run(models, prompt, plan: list[tuple[str, str | None, list[int] | None]], abort: str | None = None):
+    """Requests (id, fork_of, prompt or None for the shared one), seeded; `abort` is cancelled after one step."""
+    engine = LLMEngine(models[1], config=EngineConfig(max_num_batched_tokens=8))  # the prompt takes 4 steps
+    fed = counting(engine)
+    for i, (rid, fork_of, own) in enumerate(plan):
+        params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=40 + i)
+        engine.add_request(rid, own or prompt, params, fork_of=fork_of)
+    done = {}
+    if abort is not None:
+        for out in engine.step():
+            done[out.request_id] = out
+        engine.abort(abort)
+    done.update(run(engine))
+    assert_pools_empty(engine)
+    return done, sum(fed)
+
+
+def test_requests_fork_from_another_with_the_same_prompt(models, prompt):
+    """A server's n samples are n requests: fork_of lets them share the first one's prefill, chains included, and
+    each draws what it draws when it prefills by itself."""
+    plan = [("a", None, None), ("b", "a", None), ("c", "b", None), ("d", "a", None)]
+    forked, fed = fork_run(models, prompt, plan)
+    alone, fed_alone = fork_run(models, prompt, [(rid, None, None) for rid, _, _ in plan])
+    assert fed == len(prompt) and fed_alone == 4 * len(prompt)
+    tokens = [{r: o.outputs[0].token_ids for r, o in outs.items()} for outs in (forked, alone)]
+    assert tokens[0] == tokens[1]
+
+
+def test_fork_of_another_prompt_or_an_unknown_request_prefills_as_usual(models, prompt):
+    other = prompt[::-1]
+    done, fed = fork_run(models, prompt, [("a", None, None), ("b", "a", other), ("c", "nobody", None)])
+    assert fed == 3 * len(prompt) and set(done) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("abort", ["a", "b"])
+def test_aborting_either_side_of_a_waiting_fork_loses_nothing(models, prompt, abort):
+    """The source cancelled: the waiting request prefills by itself. The waiting one cancelled: the source goes on."""
+    done, fed = fork_run(models, prompt, [("a", None, None), ("b", "a", None)], abort=abort)
+    kept = "b" if abort == "a" else "a"
+    assert done[kept].finished and len(done[kept].outputs[0].token_ids) == 6
+    assert fed == (8 + len(prompt) if abort == "a" else len(prompt))  # a's first chunk, then b's own prefill

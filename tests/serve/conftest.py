@@ -35,7 +35,7 @@ class ScriptedClient:
     def stats(self) -> dict:
         return {"num_requests_running": self.active}
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, fork_of=None):
         import asyncio
 
         ids = list(prompt["prompt_token_ids"])

@@ -26,7 +26,7 @@ class FakeClient:
         self.tokenizer, self.script, self.max_model_len = tokenizer, script, max_model_len
         self.prompts: list[str] = []
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, fork_of=None):
         ids = list(prompt["prompt_token_ids"])
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         self.prompts.append(text)
