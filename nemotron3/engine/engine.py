@@ -146,7 +146,7 @@ class LLMEngine:
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
-        source = self._fork_source(fork_of, ids)
+        source = self._fork_source(fork_of, ids) if params.prompt_logprobs is None else None  # scoring prefills
         for index in range(params.n):
             gen = None
             if params.seed is not None:

@@ -152,3 +152,12 @@ def test_aborting_either_side_of_a_waiting_fork_loses_nothing(models, prompt, ab
     kept = "b" if abort == "a" else "a"
     assert done[kept].finished and len(done[kept].outputs[0].token_ids) == 6
     assert fed == (8 + len(prompt) if abort == "a" else len(prompt))  # a's first chunk, then b's own prefill
+
+
+def test_a_request_that_scores_its_prompt_prefills_it_even_with_fork_of(models, prompt):
+    engine = LLMEngine(models[1], config=EngineConfig(max_num_batched_tokens=64))
+    fed = counting(engine)
+    engine.add_request("a", prompt, SamplingParams(max_tokens=2))
+    engine.add_request("b", prompt, SamplingParams(max_tokens=2, prompt_logprobs=1), fork_of="a")
+    out = run(engine)["b"]
+    assert sum(fed) == 2 * len(prompt) and len(out.prompt_logprobs) == len(prompt)
