@@ -18,6 +18,9 @@ class SamplingParams:
     is how a prompt is scored (perplexity, multiple-choice log-likelihoods). Both are the raw model distribution's,
     before temperature, penalties or processors, as vLLM returns them by default.
 
+    truncate_prompt_tokens=k keeps only the prompt's last k tokens (vLLM's left truncation); -1 keeps as many as
+    leave room for max_tokens (or one token) in the context.
+
     logit_bias {token_id: bias} adds each bias to that token's logit (OpenAI's and vLLM's field: -100 bans a token,
     +100 all but forces it); allowed_token_ids keeps only those tokens' logits (vLLM). Both act before penalties,
     temperature and the truncations, on every sample of the request.
@@ -47,6 +50,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
     logits_processors: list = field(default_factory=list)
@@ -103,6 +107,11 @@ class SamplingParams:
         _check(
             allowed is None or (isinstance(allowed, list) and bool(allowed) and all(map(_token_id, allowed))),
             "allowed_token_ids", "must be None or a non-empty list of token ids (integers >= 0)", allowed,
+        )  # fmt: skip
+        cut = self.truncate_prompt_tokens
+        _check(
+            cut is None or (isinstance(cut, int) and (cut >= 1 or cut == -1)),
+            "truncate_prompt_tokens", "must be None, -1 or an integer >= 1", cut,
         )  # fmt: skip
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be None or an integer", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)

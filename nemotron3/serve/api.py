@@ -393,7 +393,7 @@ class _Server:
     async def chat(self, req: ChatCompletionRequest, request: Request):
         name = self.check_model(req.model)
         prompt, reasoning, tools = self._render(req)
-        prompt_ids = self.tokenizer.encode(prompt)
+        prompt_ids = self._truncate(self.tokenizer.encode(prompt), req, req.max_completion_tokens or req.max_tokens)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt_ids), None)
         in_reasoning = reasoning.enabled and prompt_opens_thinking(prompt)
         processors = self._structured(req, in_reasoning)
@@ -669,7 +669,9 @@ class _Server:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     # ------------------------------------------------------------------ completions
-    def _completion_prompts(self, prompt) -> list[tuple[str, list[int]]]:
+    def _completion_prompts(self, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt of a completions request, truncated as it asks."""
+        prompt = req.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             prompt = [prompt]
         if not prompt:
@@ -682,10 +684,25 @@ class _Server:
                 text = p
             else:
                 ids = list(p)
-                text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-            self._check_ids(ids, "prompt")
-            out.append((text, ids))
+                text = None
+            cut = self._truncate(ids, req, req.max_tokens)
+            if text is None or len(cut) < len(ids):  # an echo repeats the prompt the model saw
+                text = self.tokenizer.decode(cut) if self.tokenizer is not None else ""
+            self._check_ids(cut, "prompt")
+            out.append((text, cut))
         return out
+
+    def _truncate(self, ids: list[int], req, max_tokens: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens; -1 keeps what leaves room for max_tokens."""
+        keep = req.truncate_prompt_tokens
+        if keep is None:
+            return ids
+        if keep == -1:
+            keep = max(1, self.client.max_model_len - (max_tokens or 1))
+        elif keep < 1:
+            raise APIError(400, f"truncate_prompt_tokens must be -1 or >= 1, got {keep}",
+                           param="truncate_prompt_tokens")  # fmt: skip
+        return ids[-keep:]
 
     async def completion(self, req: CompletionRequest, request: Request):
         name = self.check_model(req.model)
@@ -693,7 +710,7 @@ class _Server:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = self._completion_prompts(req)
         scored = req.prompt_logprobs  # an echo with logprobs scores the echoed prompt, as OpenAI's legacy API does
         if req.echo and req.logprobs is not None:
             scored = max(req.logprobs, scored or 0)

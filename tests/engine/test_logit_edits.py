@@ -81,3 +81,22 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_name(models, prompt, pa
     with pytest.raises(ValueError, match=rf"SamplingParams\.{name}: token ids"):
         llm.generate({"prompt_token_ids": prompt}, params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(models, prompt):
+    llm = LLM(models[1], max_model_len=20)
+    greedy = {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}
+    cut = llm.generate({"prompt_token_ids": prompt}, SamplingParams(truncate_prompt_tokens=5, **greedy))[0]
+    alone = llm.generate({"prompt_token_ids": prompt[-5:]}, SamplingParams(**greedy))[0]
+    assert cut.prompt_token_ids == prompt[-5:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    long = prompt * 3  # 39 tokens: longer than the context of 20
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": long}, SamplingParams(**greedy))
+    room = llm.generate({"prompt_token_ids": long}, SamplingParams(truncate_prompt_tokens=-1, **greedy))[0]
+    assert room.prompt_token_ids == long[-16:] and len(room.outputs[0].token_ids) == 4  # 20 - max_tokens
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_bad_truncate_prompt_tokens_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=bad)

@@ -58,3 +58,18 @@ def test_bad_edits_get_a_400_naming_them(real, extra, param):
                    timeout=30)  # fmt: skip
     assert r.status_code == 400 and param in r.text, r.text
     assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_truncate_prompt_tokens_in_the_server(real):
+    client, url = real
+    long = [5, 6, 7, 8] * 200  # 800 tokens: more than the test server's 512-token context
+    body = {"model": "default", "prompt": long, "max_tokens": 2}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    ok = httpx.post(url + "/v1/completions", json={**body, "truncate_prompt_tokens": -1}, timeout=60).json()
+    assert ok["usage"]["prompt_tokens"] == client.max_model_len - 2
+    three = httpx.post(url + "/v1/completions", json={**body, "truncate_prompt_tokens": 3, "echo": True}, timeout=60)
+    assert three.json()["usage"]["prompt_tokens"] == 3
+    assert three.json()["choices"][0]["text"].startswith(client.tokenizer.decode(long[-3:]))
+    bad = httpx.post(url + "/v1/completions", json={**body, "truncate_prompt_tokens": 0}, timeout=30)
+    assert bad.status_code == 400 and "truncate_prompt_tokens" in bad.text
