@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -252,6 +253,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, help="each generated token's logprob (and top K, with --json)")
+    p.add_argument("--prompt-logprobs", type=int, default=None,
+                   help="score the prompt: each prompt token's logprob (and top K, with --json), their sum, perplexity")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_engine_flags(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
@@ -270,6 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
         )  # fmt: skip
         llm = LLM(
             args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
@@ -294,13 +299,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"nemotron3 generate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     for out in outputs:
+        scored = _prompt_score(out.prompt_token_ids, out.prompt_logprobs)
+        if scored and not args.json:
+            print(f"prompt: logprob {scored['logprob']:.4f} over {scored['tokens']} tokens, "
+                  f"perplexity {scored['perplexity']:.3f}")  # fmt: skip
         for c in out.outputs:
             if args.json:
-                print(json.dumps({"prompt": out.prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
-                                  "finish_reason": c.finish_reason}))  # fmt: skip
+                line = {"prompt": out.prompt, "index": c.index, "text": c.text, "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason}  # fmt: skip
+                if c.logprobs is not None:
+                    line["cumulative_logprob"] = c.cumulative_logprob
+                    line["logprobs"] = [_entry_json(e) for e in c.logprobs]
+                if scored:
+                    line["prompt_score"] = scored
+                    line["prompt_logprobs"] = [None] + [_entry_json(e) for e in out.prompt_logprobs[1:]]
+                print(json.dumps(line))
             else:
                 print(c.text if c.text else " ".join(map(str, c.token_ids)))
+                if c.logprobs is not None:
+                    print(f"  logprob {c.cumulative_logprob:.4f} over {len(c.token_ids)} tokens")
     return EXIT_OK
+
+
+def _prompt_score(ids: list[int], entries: list | None) -> dict | None:
+    """Sum of the prompt tokens' logprobs (after the first, which nothing predicts) and the perplexity exp(−mean)."""
+    if not entries or len(ids) < 2:
+        return None
+    total = sum(e[t].logprob for e, t in zip(entries[1:], ids[1:]))
+    n = len(ids) - 1
+    return {"logprob": total, "tokens": n, "perplexity": math.exp(-total / n)}
+
+
+def _entry_json(entry: dict) -> dict:
+    """A {token_id: Logprob} entry as JSON: token id (a string key) → {logprob, rank}."""
+    return {str(t): {"logprob": v.logprob, "rank": v.rank} for t, v in entry.items()}
 
 
 # --------------------------------------------------------------------------------------------- bench

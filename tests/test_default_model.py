@@ -49,3 +49,29 @@ def test_cli_uses_the_default_model(capsys) -> None:
     assert capsys.readouterr().out.strip()
     assert main(["info", "--json"]) == 0
     assert '"model"' in capsys.readouterr().out
+
+
+def test_cli_scores_a_prompt_as_the_engine_does(capsys) -> None:
+    """`generate --prompt-logprobs/--logprobs --json`: the prompt's summed logprob and perplexity, and each token's
+    entry, equal to LLM's own RequestOutput."""
+    import json
+    import math
+
+    argv = ["generate", "--prompt", "KING. Good morrow", "--max-tokens", "3", "--prompt-logprobs", "1",
+            "--logprobs", "2", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1, logprobs=2)
+    want = LLM("default").generate("KING. Good morrow", params)[0]
+    ids, entries = want.prompt_token_ids, want.prompt_logprobs
+    total = sum(e[t].logprob for e, t in zip(entries[1:], ids[1:]))
+    score = line["prompt_score"]
+    assert score["tokens"] == len(ids) - 1 and math.isclose(score["logprob"], total, rel_tol=1e-6)
+    assert math.isclose(score["perplexity"], math.exp(-total / (len(ids) - 1)), rel_tol=1e-6)
+    assert line["prompt_logprobs"][0] is None and len(line["prompt_logprobs"]) == len(ids)
+    assert line["token_ids"] == want.outputs[0].token_ids and len(line["logprobs"]) == 3
+    assert math.isclose(line["cumulative_logprob"], want.outputs[0].cumulative_logprob, rel_tol=1e-6)
+    assert main(["generate", "--prompt", "KING.", "--max-tokens", "2", "--prompt-logprobs", "0"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--prompt", "KING.", "--prompt-logprobs", "-1"]) == 2  # a usage error naming it
+    assert "prompt_logprobs" in capsys.readouterr().err
