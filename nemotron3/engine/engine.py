@@ -22,6 +22,8 @@ from nemotron3.engine.sampler import (
     SampleResult,
     SamplingTensors,
     argmax_ids,
+    bad_word_sequences,
+    banned_by,
     logprob_entries,
     sample,
     token_logprobs,
@@ -70,6 +72,7 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list | None = None  # [None, entry for prompt token 1, ...] as far as computed
+    bad_words: list[list[int]] = field(default_factory=list)  # token sequences of SamplingParams.bad_words
     parked: list[Sequence] = field(default_factory=list)  # samples 1 … n-1 until sample 0 has the prompt (_fork)
 
 
@@ -147,6 +150,10 @@ class LLMEngine:
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.bad_words: bad words need a tokenizer; use logit_bias with token ids")
+            req.bad_words = bad_word_sequences(self.tokenizer, params.bad_words)
         source = self._fork_source(fork_of, ids) if params.prompt_logprobs is None else None  # scoring prefills
         for index in range(params.n):
             gen = None
@@ -372,6 +379,9 @@ class LLMEngine:
             self._append(seqs, argmax_ids(logits), None)
             return
         tensors = SamplingTensors.build(params, [s.generator for s in seqs], logits.device)
+        bans = [(row, banned_by(self.requests[s.request_id].bad_words, s.output_ids)) for row, s in enumerate(seqs)
+                if s.params.bad_words]  # fmt: skip
+        tensors.banned = [(row, ids) for row, ids in bans if ids] or None
         for row, s in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not allowed yet
             if len(s.output_ids) < s.params.min_tokens:
                 banned = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
@@ -479,5 +489,6 @@ def _plain_greedy(s: Sequence) -> bool:
         and not p.logits_processors
         and not p.has_penalties
         and not p.edits_logits
+        and not p.bad_words
         and len(s.output_ids) >= p.min_tokens
     )

@@ -48,6 +48,7 @@ class SamplingTensors:
     processors: list[list] | None = None  # [B] each row's SamplingParams.logits_processors; None if no row has any
     # rows with logit_bias / allowed_token_ids: (row, bias token ids, biases, allowed ids or None); None if no row has
     edits: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+    banned: list[tuple[int, list[int]]] | None = None  # this step's (row, token ids it may not draw): bad words
 
     @classmethod
     def build(
@@ -203,6 +204,10 @@ def sample(
         logits = _apply_processors(logits, t.processors)
     if t.edits is not None:
         logits = apply_edits(logits, t.edits)
+    if t.banned is not None:
+        logits = logits.clone() if logits is raw else logits
+        for row, ids in t.banned:
+            logits[row, ids] = float("-inf")
     if t.any_penalty:
         if output_counts is None:
             raise ValueError("penalties requested but no output_counts given to the sampler")
@@ -229,6 +234,30 @@ def _edit(row: int, p: SamplingParams, device) -> tuple[int, torch.Tensor, torch
     allowed = p.allowed_token_ids
     allowed = None if allowed is None else torch.tensor(allowed, dtype=torch.long, device=device)
     return row, ids, torch.tensor(list(bias.values()), dtype=torch.float32, device=device), allowed
+
+
+def bad_word_sequences(tokenizer, words: list[str]) -> list[list[int]]:
+    """The token sequences SamplingParams.bad_words forbid, as vLLM forms them: each word as written (leading
+    spaces dropped) and, where it tokenizes to as many tokens with another first token, after a space."""
+    out = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip())
+        spaced = tokenizer.encode(" " + word.lstrip())
+        out.append(plain)
+        if len(spaced) == len(plain) and spaced[0] != plain[0]:
+            out.append(spaced)
+    return [ids for ids in out if ids]
+
+
+def banned_by(sequences: list[list[int]], output_ids: list[int]) -> list[int]:
+    """The tokens that would complete one of `sequences` after `output_ids`: a sequence's last token, when the tokens
+    before it are the last ones generated (a one-token sequence is always banned)."""
+    banned = set()
+    for ids in sequences:
+        head = len(ids) - 1
+        if head == 0 or (len(output_ids) >= head and output_ids[-head:] == ids[:-1]):
+            banned.add(ids[-1])
+    return sorted(banned)
 
 
 def apply_edits(logits: torch.Tensor, edits: list) -> torch.Tensor:

@@ -18,6 +18,9 @@ class SamplingParams:
     is how a prompt is scored (perplexity, multiple-choice log-likelihoods). Both are the raw model distribution's,
     before temperature, penalties or processors, as vLLM returns them by default.
 
+    bad_words (vLLM's): words that must not be generated. Each word's token sequence (as written, and after a space)
+    is refused at its last token: that token is banned whenever the tokens before it were just generated.
+
     truncate_prompt_tokens=k keeps only the prompt's last k tokens (vLLM's left truncation); -1 keeps as many as
     leave room for max_tokens (or one token) in the context.
 
@@ -51,6 +54,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
     logits_processors: list = field(default_factory=list)
@@ -107,6 +111,11 @@ class SamplingParams:
         _check(
             allowed is None or (isinstance(allowed, list) and bool(allowed) and all(map(_token_id, allowed))),
             "allowed_token_ids", "must be None or a non-empty list of token ids (integers >= 0)", allowed,
+        )  # fmt: skip
+        _check(
+            self.bad_words is None or (isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip()
+                                                                                for w in self.bad_words)),
+            "bad_words", "must be None or a list of non-blank strings", self.bad_words,
         )  # fmt: skip
         cut = self.truncate_prompt_tokens
         _check(

@@ -337,8 +337,9 @@ class SpeculativeEngine(LLMEngine):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _speculates(seq: Sequence) -> bool:
-        """Penalties and logit edits are applied by the plain sampler: such sequences decode one token a step."""
-        return not (seq.params.has_penalties or seq.params.edits_logits)
+        """Penalties, logit edits and bad words are applied by the plain sampler: such sequences decode one token a
+        step."""
+        return not (seq.params.has_penalties or seq.params.edits_logits or seq.params.bad_words)
 
     def _state_of(self, seq: Sequence) -> _SpecState:
         st = self._state.get(seq)

@@ -297,6 +297,7 @@ class _Server:
             "include_stop_str_in_output": req.include_stop_str_in_output,
             "seed": None if req.seed is None else req.seed + seed_offset,
             "logit_bias": _logit_bias(req.logit_bias), "allowed_token_ids": req.allowed_token_ids,
+            "bad_words": req.bad_words,
         }  # fmt: skip
         for name, ids in (("logit_bias", opts["logit_bias"] or ()), ("allowed_token_ids", req.allowed_token_ids or ())):
             bad = [t for t in ids if not 0 <= t < self.client.vocab_size]  # refused before a stream starts

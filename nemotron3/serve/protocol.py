@@ -3,7 +3,7 @@
 Requests accept unknown fields (clients send many: user, metadata, parallel_tool_calls, ...) and check the
 ones we act on. Responses are plain dicts built in api.py, shaped as the OpenAI API's.
 Extra, non-OpenAI request fields (vLLM's names): top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids, truncate_prompt_tokens,
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids, bad_words, truncate_prompt_tokens,
 prompt_logprobs (each prompt
 token's logprob, rank and top-k, in the response's `prompt_logprobs`; not with stream), chat_template_kwargs (e.g.
 {"enable_thinking": false}), and `thinking_budget` (max reasoning tokens; also read from
@@ -100,6 +100,7 @@ class _SamplingFields(_Request):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) → bias in [-100, 100]
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: what leaves room)
     user: str | None = None
 

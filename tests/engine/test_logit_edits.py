@@ -100,3 +100,43 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(models, prompt):
 def test_bad_truncate_prompt_tokens_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=bad)
+
+
+def test_banned_by_completes_a_sequence_only_after_its_head():
+    from nemotron3.engine.sampler import banned_by
+
+    seqs = [[7], [3, 4, 5], [9, 2]]
+    assert banned_by(seqs, []) == [7]
+    assert banned_by(seqs, [1, 3, 4]) == [5, 7]
+    assert banned_by(seqs, [3, 4, 9]) == [2, 7]
+    assert banned_by(seqs, [4, 3]) == [7]
+
+
+def test_bad_words_change_the_greedy_choice_where_they_would_complete():
+    """The default model: its greedy continuation's first word, banned, is not written; a two-token word is cut at
+    its second token only; logprobs stay the model's raw ones."""
+    from nemotron3.engine.sampler import bad_word_sequences
+
+    llm = LLM("default", kv_cache_memory_bytes=32 << 20, max_num_seqs=4)
+    tok = llm.get_tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], enable_thinking=False)
+    greedy = {"temperature": 0.0, "max_tokens": 6, "logprobs": 0}
+    plain = llm.generate(prompt, SamplingParams(**greedy))[0].outputs[0]
+    first = plain.token_ids[0]
+    word = tok.decode([first]).strip()
+    assert word and bad_word_sequences(tok, [word])[0] == tok.encode(word)
+    banned = llm.generate(prompt, SamplingParams(bad_words=[word], **greedy))[0].outputs[0]
+    assert all(seq[-1] not in banned.token_ids for seq in bad_word_sequences(tok, [word]) if len(seq) == 1)
+    assert banned.token_ids[0] != first
+    two = tok.decode(plain.token_ids[:2])
+    assert tok.encode(two) == plain.token_ids[:2]  # a word the model writes in 2 tokens (digits: one token each)
+    cut = llm.generate(prompt, SamplingParams(bad_words=[two], **greedy))[0].outputs[0]
+    assert cut.token_ids[0] == first and cut.token_ids[1] != plain.token_ids[1]
+    assert cut.logprobs[0][first].logprob == pytest.approx(plain.logprobs[0][first].logprob, abs=1e-6)
+
+
+def test_bad_words_need_a_tokenizer_and_words(models, prompt):
+    with pytest.raises(ValueError, match="bad_words"):
+        LLM(models[1]).generate({"prompt_token_ids": prompt}, SamplingParams(bad_words=["x"]))
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["  "])

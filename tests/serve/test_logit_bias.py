@@ -73,3 +73,16 @@ def test_truncate_prompt_tokens_in_the_server(real):
     assert three.json()["choices"][0]["text"].startswith(client.tokenizer.decode(long[-3:]))
     bad = httpx.post(url + "/v1/completions", json={**body, "truncate_prompt_tokens": 0}, timeout=30)
     assert bad.status_code == 400 and "truncate_prompt_tokens" in bad.text
+
+
+def test_bad_words_in_the_server(real):
+    _, url = real
+    body = {"model": "default", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 4,
+            "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+    plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+    word = plain.strip()[:1]
+    assert word
+    banned = httpx.post(url + "/v1/chat/completions", json={**body, "bad_words": [word]}, timeout=60).json()
+    assert word not in banned["choices"][0]["message"]["content"]
+    bad = httpx.post(url + "/v1/chat/completions", json={**body, "bad_words": [" "]}, timeout=30)
+    assert bad.status_code == 400 and "bad_words" in bad.text
