@@ -140,3 +140,17 @@ def test_bad_words_need_a_tokenizer_and_words(models, prompt):
         LLM(models[1]).generate({"prompt_token_ids": prompt}, SamplingParams(bad_words=["x"]))
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=["  "])
+
+
+def test_the_speculative_engine_keeps_bad_words_out_as_the_plain_one():
+    """The default model has an MTP block: bad-word rows decode one token a step there, with the same tokens."""
+    kwargs = {"kv_cache_memory_bytes": 32 << 20, "max_num_seqs": 4}
+    plain = LLM("default", **kwargs)
+    spec = LLM("default", speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **kwargs)
+    prompt = plain.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                                       enable_thinking=False)  # fmt: skip
+    greedy = {"temperature": 0.0, "max_tokens": 6}
+    params = [SamplingParams(bad_words=["11"], **greedy), SamplingParams(**greedy)]  # it writes "119" unbanned
+    got = [o.outputs[0].token_ids for o in spec.generate([prompt, prompt], params)]
+    want = [o.outputs[0].token_ids for o in plain.generate([prompt, prompt], params)]
+    assert got == want and got[0] != got[1]
