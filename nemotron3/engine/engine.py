@@ -139,7 +139,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
-        ids = self.truncated(ids, params)
+        ids = params.truncated(ids, self.max_model_len)
         self._check_token_ids(params)
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer; use stop_token_ids instead")
@@ -177,13 +177,6 @@ class LLMEngine:
         first = source.seqs[0]
         started = first.output_ids or first.status is Status.FINISHED  # past its prompt: nothing left to share
         return None if started else source
-
-    def truncated(self, ids: list[int], params: SamplingParams) -> list[int]:
-        """The prompt's last SamplingParams.truncate_prompt_tokens tokens (-1: as many as leave room for max_tokens)."""
-        keep = params.truncate_prompt_tokens
-        if keep == -1:
-            keep = max(1, self.max_model_len - (params.max_tokens or 1))
-        return ids[-keep:] if keep is not None and len(ids) > keep else ids
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """logit_bias and allowed_token_ids name tokens of this model's vocabulary."""

@@ -164,6 +164,9 @@ async def stream_with_budget(
     """
     if params.n != 1:
         raise ValueError("stream_with_budget runs one sample: n must be 1")
+    if params.truncate_prompt_tokens is not None:  # once, here: the answer phase's prompt extends the truncated one
+        prompt_ids = params.truncated(list(prompt_ids), client.max_model_len)
+        params = dataclasses.replace(params, truncate_prompt_tokens=None)
     budget = config.budget if (in_reasoning and think.think_end_id is not None) else None
     counter = _Counter(in_reasoning)
     total_max = params.max_tokens
@@ -260,6 +263,9 @@ def generate_with_budget(
     """
     tok = llm.get_tokenizer()
     think = ThinkTokens.from_tokenizer(tok)
+    if params.truncate_prompt_tokens is not None:  # once, here: phase 2's prompts extend the truncated ones
+        prompts = [params.truncated(list(p), llm.engine.max_model_len) for p in prompts]
+        params = dataclasses.replace(params, truncate_prompt_tokens=None)
     budget = config.budget if (in_reasoning and think.think_end_id is not None) else None
     total_max = params.max_tokens
     if budget is None or (total_max is not None and total_max <= budget):

@@ -71,6 +71,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last truncate_prompt_tokens tokens (-1: as many as leave room for max_tokens), or all."""
+        keep = self.truncate_prompt_tokens
+        if keep == -1:
+            keep = max(1, max_model_len - (self.max_tokens or 1))
+        return ids[-keep:] if keep is not None and len(ids) > keep else ids
+
     @property
     def edits_logits(self) -> bool:
         """logit_bias or allowed_token_ids set: the sampler changes this row's logits before anything else."""
