@@ -188,7 +188,7 @@ class HybridCache:
 
     def can_fork(self, parent: SeqCache) -> bool:
         """Whether a free slot and enough free blocks remain to copy `parent` (fork)."""
-        return bool(len(self.free_slots)) and self._blocks_of(parent) <= len(self.free_blocks)
+        return bool(len(self.free_slots)) and self.blocks_needed(None, parent.num_tokens) <= len(self.free_blocks)
 
     def fork(self, parent: SeqCache) -> SeqCache:
         """A new sequence holding a copy of `parent`'s cache: a slot of its own with the parent's conv window and SSM
@@ -199,23 +199,14 @@ class HybridCache:
         slot = self.free_slots.take(1)[0]
         self.conv[:, slot] = self.conv[:, parent.slot]
         self.ssm[:, slot] = self.ssm[:, parent.slot]
-        child = SeqCache(slot=slot, num_tokens=parent.num_tokens)
-        n = self._blocks_of(parent)
-        if n:
-            child.add_blocks(self.free_blocks.take(n))
-            dst, src = self._rows(child.blocks), self._rows(parent.blocks[:n])
+        child = SeqCache(slot=slot)
+        self.grow(child, parent.num_tokens)
+        child.num_tokens = parent.num_tokens
+        if child.blocks:
+            dst, src = (self.token_positions(s, 0, parent.num_tokens) for s in (child, parent))
             self.k[:, :, dst] = self.k[:, :, src]
             self.v[:, :, dst] = self.v[:, :, src]
         return child
-
-    def _blocks_of(self, seq: SeqCache) -> int:
-        """Blocks holding a sequence's cached tokens."""
-        return -(-seq.num_tokens // self.block_size) if self.has_attention else 0
-
-    def _rows(self, blocks: list[int]) -> torch.Tensor:
-        """Pool token rows of whole blocks, in block-table order."""
-        bs = self.block_size
-        return (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
 
     def close(self, seq: SeqCache) -> None:
         """Return a sequence's slot and blocks to the pools."""

@@ -34,7 +34,7 @@ class Segment:
     tokens: list[int]
     decode: bool  # a generated token (recurrence step) rather than a prompt chunk (scan)
     want_logits: bool  # sample after this segment (last prompt chunk, or a decode step)
-    all_logits: bool = False  # logits at every position of this prompt chunk too (SamplingParams.prompt_logprobs)
+    all_logits: bool = False  # logits at every position: a prompt chunk that scores (prompt_logprobs), a verify row
 
 
 def logit_rows(segments: list[Segment]) -> list[int]:

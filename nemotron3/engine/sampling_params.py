@@ -73,10 +73,7 @@ class SamplingParams:
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
         """The prompt's last truncate_prompt_tokens tokens (-1: as many as leave room for max_tokens), or all."""
-        keep = self.truncate_prompt_tokens
-        if keep == -1:
-            keep = max(1, max_model_len - (self.max_tokens or 1))
-        return ids[-keep:] if keep is not None and len(ids) > keep else ids
+        return truncate_prompt(ids, self.truncate_prompt_tokens, self.max_tokens, max_model_len)
 
     @property
     def edits_logits(self) -> bool:
@@ -131,9 +128,17 @@ class SamplingParams:
         )  # fmt: skip
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be None or an integer", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
+        _check(all(map(_token_id, self.stop_token_ids)), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
         _check(all(callable(f) for f in self.logits_processors), "logits_processors", "must be callables", self.logits_processors)
         _check(not self.logits_processors or self.n == 1, "logits_processors", "keep per-sequence state: they need n == 1", self.n)
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_tokens: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens of a prompt; -1 keeps as many as leave room for
+    max_tokens (or one token) in max_model_len; None keeps all. SamplingParams and the server share this rule."""
+    if keep == -1:
+        keep = max(1, max_model_len - (max_tokens or 1))
+    return ids[-keep:] if keep is not None and len(ids) > keep else ids
 
 
 def _token_id(t: object) -> bool:

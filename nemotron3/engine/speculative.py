@@ -40,7 +40,7 @@ from nemotron3.config import ATTENTION, MAMBA
 from nemotron3.engine.cache import HybridCache, SeqCache
 from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.outputs import RequestOutput, SpecDecodeMetrics
-from nemotron3.engine.runner import ModelRunner, Segment
+from nemotron3.engine.runner import ModelRunner, Segment, logit_rows
 from nemotron3.engine.sampler import SamplingTensors, argmax_ids, draw, processed_logits, token_logprobs
 from nemotron3.engine.scheduler import Sequence, Status
 from nemotron3.io.tokenizer import Tokenizer
@@ -182,23 +182,18 @@ class SpecRunner(ModelRunner):
     def forward(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify segments (decode=True, 1 + drafts tokens) first, then prompt chunks.
 
-        Returns logits [rows, V] float32 — every position of a verify segment with want_logits or of a prompt chunk
-        with all_logits, the last position of another prompt chunk with want_logits — and final-norm hidden states
+        Returns logits [rows, V] float32 of runner.logit_rows — every position of a segment with all_logits (verify
+        segments, prompt chunks that score), the last of another with want_logits — and final-norm hidden states
         [T, H] of every token.
         """
         n_dec = sum(1 for s in segments if s.decode)
         if any(s.decode for s in segments[n_dec:]):
             raise ValueError("verify (decode) segments must come first")
         self._saved, self._snapshot = {}, {}
-        hidden, offsets = self.run_layers(segments, n_dec, self._spec_mamba)
+        hidden, _ = self.run_layers(segments, n_dec, self._spec_mamba)
         backbone = self.model.backbone
         hidden = backbone.norm_f(hidden[0])
-        rows = []
-        for k, s in enumerate(segments):
-            if (s.decode and s.want_logits) or s.all_logits:
-                rows.extend(range(offsets[k], offsets[k + 1]))
-            elif s.want_logits:
-                rows.append(offsets[k + 1] - 1)
+        rows = logit_rows(segments)
         for s in segments:
             s.seq.num_tokens += len(s.tokens)
         with fast_path(self.matmul_precision):
@@ -388,7 +383,8 @@ class SpeculativeEngine(LLMEngine):
         drafts = self._draft([s for s in sched.decodes if s.num_spec > 0])
         t1 = time.perf_counter()
 
-        segments = [Segment(s.cache, [s.last_id, *drafts.get(s, ([], []))[0]], True, True) for s in sched.decodes]
+        segments = [Segment(s.cache, [s.last_id, *drafts.get(s, ([], []))[0]], True, True, all_logits=True)
+                    for s in sched.decodes]  # fmt: skip
         chunks, done_prefills = self._prefill_segments(sched.prefills, now)
         segments += chunks
         starts = {seq: seq.num_computed for seq in [*sched.decodes, *(s for s, _ in sched.prefills)]}

@@ -35,7 +35,7 @@ from nemotron3.engine.reasoning import (
     prompt_opens_thinking,
     stream_with_budget,
 )
-from nemotron3.engine.sampling_params import SamplingParams
+from nemotron3.engine.sampling_params import SamplingParams, truncate_prompt
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.parsers import (
     ReasoningStreamParser,
@@ -299,23 +299,22 @@ class _Server:
             "logit_bias": _logit_bias(req.logit_bias), "allowed_token_ids": req.allowed_token_ids,
             "bad_words": req.bad_words,
         }  # fmt: skip
-        for name, ids in (("logit_bias", opts["logit_bias"] or ()), ("allowed_token_ids", req.allowed_token_ids or ())):
-            bad = [t for t in ids if not 0 <= t < self.client.vocab_size]  # refused before a stream starts
-            if bad:
-                raise APIError(400, f"{name}: token ids {bad[:5]} are outside the vocabulary "
-                               f"[0, {self.client.vocab_size})", param=name)  # fmt: skip
         try:
-            return SamplingParams(**opts)
+            params = SamplingParams(**opts)
         except ValueError as e:
             raise APIError(400, str(e).replace("SamplingParams.", "")) from None
+        for name, ids in (("logit_bias", params.logit_bias), ("allowed_token_ids", params.allowed_token_ids)):
+            if ids:  # refused here, before a stream starts, rather than by the engine
+                self._check_ids(list(ids), name)
+        return params
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
         bad = [t for t in ids if not 0 <= t < self.client.vocab_size]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.client.vocab_size})",
-                           param=param)  # fmt: skip
+            raise APIError(400, f"{param}: token ids {bad[:5]} are outside the vocabulary "
+                           f"[0, {self.client.vocab_size})", param=param)  # fmt: skip
 
     # ------------------------------------------------------------------ chat
     def _render(self, req: ChatCompletionRequest) -> tuple[str, ReasoningConfig, list[dict] | None]:
@@ -696,14 +695,10 @@ class _Server:
     def _truncate(self, ids: list[int], req, max_tokens: int | None) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens; -1 keeps what leaves room for max_tokens."""
         keep = req.truncate_prompt_tokens
-        if keep is None:
-            return ids
-        if keep == -1:
-            keep = max(1, self.client.max_model_len - (max_tokens or 1))
-        elif keep < 1:
+        if keep is not None and keep < 1 and keep != -1:
             raise APIError(400, f"truncate_prompt_tokens must be -1 or >= 1, got {keep}",
                            param="truncate_prompt_tokens")  # fmt: skip
-        return ids[-keep:]
+        return truncate_prompt(ids, keep, max_tokens, self.client.max_model_len)
 
     async def completion(self, req: CompletionRequest, request: Request):
         name = self.check_model(req.model)
