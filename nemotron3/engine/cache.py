@@ -11,11 +11,13 @@ reads its keys as a view; otherwise they are gathered through its block table.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from nemotron3.config import ATTENTION, MAMBA, ModelConfig
+from nemotron3.engine.prefix_cache import Node, PrefixCache
 from nemotron3.model.nemotron import SSM_DTYPES
 
 
@@ -40,11 +42,23 @@ def pool_bytes(
 
 @dataclass
 class CacheConfig:
-    """Sizes of the preallocated pools. `memory_bytes` bounds K/V blocks + state slots together."""
+    """Sizes of the preallocated pools. `memory_bytes` bounds K/V blocks + state slots together.
+
+    enable_prefix_caching keeps full K/V blocks after their sequences finish, for later prompts that start with the
+    same tokens (prefix_cache.py); prefix_cache_states is the number of Mamba state snapshots it keeps beside them
+    (default max_num_seqs; each costs one state slot of the memory)."""
 
     memory_bytes: int = 2 << 30
     block_size: int = 16
     max_num_seqs: int = 64
+    enable_prefix_caching: bool = False
+    prefix_cache_states: int | None = None
+
+    @property
+    def num_snapshots(self) -> int:
+        if not self.enable_prefix_caching:
+            return 0
+        return self.max_num_seqs if self.prefix_cache_states is None else self.prefix_cache_states
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -53,14 +67,16 @@ class CacheConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.memory_bytes <= 0:
             raise ValueError(f"cache memory_bytes must be > 0, got {self.memory_bytes}")
+        if self.prefix_cache_states is not None and self.prefix_cache_states < 0:
+            raise ValueError(f"prefix_cache_states must be >= 0, got {self.prefix_cache_states}")
 
 
 class FreeList:
-    """Integer ids handed out lowest-first (keeps a lone sequence's blocks consecutive)."""
+    """Integer ids handed out lowest-first (keeps a lone sequence's blocks consecutive): first … first+n−1."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, first: int = 0) -> None:
         self.capacity = n
-        self._free = list(range(n))
+        self._free = list(range(first, first + n))
 
     def __len__(self) -> int:
         return len(self._free)
@@ -86,6 +102,10 @@ class SeqCache:
     slot: int
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # tokens whose K/V and state are in the cache
+    # prefix caching: the cached nodes of the first len(nodes) full blocks (blocks[i] is nodes[i].block), and the
+    # node holding this sequence's moving state snapshot while it decodes (HybridCache.save_state)
+    nodes: list[Node] = field(default_factory=list, repr=False)
+    tail: Node | None = field(default=None, repr=False)
     _mirror: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long), repr=False, compare=False)
     _synced: int = field(default=0, repr=False, compare=False)  # leading entries of _mirror equal to blocks
 
@@ -101,6 +121,11 @@ class SeqCache:
 
     def clear(self) -> list[int]:
         return self.truncate(0)
+
+    def replace_block(self, i: int, block: int) -> None:
+        """Point table entry i at another block (one holding the same tokens' K/V)."""
+        self.blocks[i] = block
+        self._synced = min(self._synced, i)
 
     def table(self, n: int | None = None) -> torch.Tensor:
         """The first n (default all) block ids as an int64 tensor: a view of the mirror, extended on demand."""
@@ -138,12 +163,14 @@ class HybridCache:
         ssm_dtype = SSM_DTYPES[config.mamba_ssm_cache_dtype]
         kv_dtype = kv_dtype or dtype
         slot_bytes, block_bytes = pool_bytes(config, dtype, kv_dtype, self.block_size, mtp_attention_layers)
-        slots = cache_config.max_num_seqs
+        snapshots = cache_config.num_snapshots if n_mamba else 0  # a model without Mamba layers resumes anywhere
+        slots = cache_config.max_num_seqs + snapshots
         left = cache_config.memory_bytes - slots * slot_bytes
         if left < 0:
             raise ValueError(
                 f"cache memory {cache_config.memory_bytes / 2**20:.1f} MiB cannot hold {slots} Mamba state slots "
-                f"({slot_bytes / 2**20:.2f} MiB each): raise the memory budget or lower max_num_seqs"
+                f"({slot_bytes / 2**20:.2f} MiB each; {snapshots} of them prefix-cache snapshots): raise the memory "
+                "budget, or lower max_num_seqs or prefix_cache_states"
             )
         num_blocks = left // block_bytes if block_bytes else 0
         if n_planes and num_blocks < 1:
@@ -160,8 +187,15 @@ class HybridCache:
             dtype=ssm_dtype, device=device,
         )  # fmt: skip
         self.free_blocks = FreeList(self.num_blocks)
-        self.free_slots = FreeList(slots)
+        self.free_slots = FreeList(cache_config.max_num_seqs)  # running sequences' slots
+        self.free_snapshots = FreeList(snapshots, first=cache_config.max_num_seqs)  # prefix-cache states
         self.has_attention = n_planes > 0
+        self.prefix: PrefixCache | None = None
+        if cache_config.enable_prefix_caching:
+            self.prefix = PrefixCache(
+                self.block_size, n_mamba > 0, lambda b: self.free_blocks.give([b]),
+                lambda s: self.free_snapshots.give([s]), lambda: self.free_snapshots.take(1)[0] if self.free_snapshots else None,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ accounting
     def blocks_needed(self, seq: SeqCache | None, new_tokens: int) -> int:
@@ -172,47 +206,127 @@ class HybridCache:
         total = (seq.num_tokens if seq else 0) + new_tokens
         return max(0, -(-total // self.block_size) - have)
 
-    def can_grow(self, seq: SeqCache | None, new_tokens: int) -> bool:
-        return self.blocks_needed(seq, new_tokens) <= len(self.free_blocks)
+    def available_blocks(self, holding: list[Node] = ()) -> int:
+        """Blocks a sequence can still get: the free ones and the cached ones no sequence holds (reclaimed on
+        demand), less those among `holding` (cached nodes about to be held)."""
+        if self.prefix is None:
+            return len(self.free_blocks)
+        held = sum(1 for n in holding if n.refs == 0 and n.block is not None)
+        return len(self.free_blocks) + self.prefix.evictable_blocks - held
 
-    def open(self) -> SeqCache:
-        """A fresh sequence: one state slot, zeroed (the recurrence starts from S = 0, empty conv window)."""
+    def can_grow(self, seq: SeqCache | None, new_tokens: int) -> bool:
+        return self.blocks_needed(seq, new_tokens) <= self.available_blocks()
+
+    def open(self, cached: list[Node] = (), state_from: int | None = None) -> SeqCache:
+        """A new sequence with one state slot: zeroed (the recurrence starts from S = 0, empty conv window), or
+        resuming after the cached prefix `cached` (PrefixCache.match): its blocks shared, the state at its end
+        copied into the slot (from slot `state_from` instead, where given)."""
         slot = self.free_slots.take(1)[0]
-        self.conv[:, slot].zero_()
-        self.ssm[:, slot].zero_()
-        return SeqCache(slot=slot)
+        seq = SeqCache(slot=slot)
+        if state_from is None and cached and cached[-1].state is not None:
+            state_from = cached[-1].state
+        if state_from is not None:
+            self.copy_state(state_from, slot)
+        else:
+            self.conv[:, slot].zero_()
+            self.ssm[:, slot].zero_()
+        if cached:
+            self.prefix.acquire(cached)
+            seq.nodes = list(cached)
+            seq.num_tokens = len(cached) * self.block_size
+            if self.has_attention:
+                seq.add_blocks([n.block for n in cached])
+        return seq
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """Copy every Mamba layer's conv window and SSM state from slot src to slot dst."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.ssm[:, dst] = self.ssm[:, src]
 
     def grow(self, seq: SeqCache, new_tokens: int) -> None:
         """Reserve blocks so the sequence can hold `new_tokens` more tokens."""
-        seq.add_blocks(self.free_blocks.take(self.blocks_needed(seq, new_tokens)))
+        seq.add_blocks(self._take_blocks(self.blocks_needed(seq, new_tokens)))
+
+    def _take_blocks(self, n: int) -> list[int]:
+        """n free blocks, reclaiming cached ones no sequence holds when the free list runs short."""
+        if n > len(self.free_blocks) and self.prefix is not None:
+            self.prefix.evict_blocks(n - len(self.free_blocks))
+        return self.free_blocks.take(n)
 
     def can_fork(self, parent: SeqCache) -> bool:
         """Whether a free slot and enough free blocks remain to copy `parent` (fork)."""
-        return bool(len(self.free_slots)) and self.blocks_needed(None, parent.num_tokens) <= len(self.free_blocks)
+        shared = len(parent.nodes) * self.block_size
+        return bool(len(self.free_slots)) and self.blocks_needed(None, parent.num_tokens - shared) <= self.available_blocks()
 
     def fork(self, parent: SeqCache) -> SeqCache:
         """A new sequence holding a copy of `parent`'s cache: a slot of its own with the parent's conv window and SSM
-        state, and blocks of its own with the parent's K/V. The n samples of a prompt prefill it once and fork
-        (engine.py); a copy costs the state and K/V bytes (~2 MB for nemo50 at 2,048 tokens), a prefill the model."""
+        state, and blocks of its own with the parent's K/V (the cached full blocks are shared instead). The n
+        samples of a prompt prefill it once and fork (engine.py); a copy costs the state and K/V bytes (~2 MB for
+        nemo50 at 2,048 tokens), a prefill the model."""
         if not self.can_fork(parent):
             raise MemoryError("no free slot or blocks to fork a sequence into")
-        slot = self.free_slots.take(1)[0]
-        self.conv[:, slot] = self.conv[:, parent.slot]
-        self.ssm[:, slot] = self.ssm[:, parent.slot]
-        child = SeqCache(slot=slot)
-        self.grow(child, parent.num_tokens)
+        child = self.open(parent.nodes, state_from=parent.slot)
+        shared = child.num_tokens
+        self.grow(child, parent.num_tokens - shared)
         child.num_tokens = parent.num_tokens
-        if child.blocks:
-            dst, src = (self.token_positions(s, 0, parent.num_tokens) for s in (child, parent))
+        if self.has_attention and parent.num_tokens > shared:
+            dst, src = (self.token_positions(s, shared, parent.num_tokens - shared) for s in (child, parent))
             self.k[:, :, dst] = self.k[:, :, src]
             self.v[:, :, dst] = self.v[:, :, src]
         return child
 
     def close(self, seq: SeqCache) -> None:
-        """Return a sequence's slot and blocks to the pools."""
-        self.free_blocks.give(seq.clear())
+        """Return a sequence's slot and own blocks to the pools; its cached blocks stay cached."""
+        private = seq.clear()[len(seq.nodes) :] if self.has_attention else []
+        if seq.nodes:
+            self.prefix.release(seq.nodes)
+            seq.nodes, seq.tail = [], None
+        self.free_blocks.give(private)
         self.free_slots.give([seq.slot])
         seq.slot = -1
+
+    # ------------------------------------------------------------------ prefix caching
+    def commit(self, seq: SeqCache, ids: Callable[[int, int], list[int]]) -> None:
+        """Cache the sequence's full blocks that are not cached yet; ids(a, b) gives its tokens a … b−1. A block
+        whose tokens (after the same prefix) another sequence cached first is swapped for that one, and freed."""
+        bs = self.block_size
+        for i in range(len(seq.nodes), seq.num_tokens // bs):
+            parent = seq.nodes[-1] if seq.nodes else self.prefix.root
+            block = seq.blocks[i] if self.has_attention else None
+            node = self.prefix.insert(parent, tuple(ids(i * bs, (i + 1) * bs)), block)
+            if node.block != block:
+                seq.replace_block(i, node.block)
+                self.free_blocks.give([block])
+            seq.nodes.append(node)
+
+    def take_snapshot_slot(self) -> int | None:
+        """A prefix-cache snapshot slot (reclaiming the least recently used state), or None without a pool."""
+        return self.prefix.take_state() if self.prefix is not None and self.free_snapshots.capacity else None
+
+    def keep_snapshot(self, seq: SeqCache, depth: int, slot: int) -> None:
+        """Keep snapshot `slot` (the state after `depth` full blocks of `seq`, which commit cached) in the prefix
+        cache, or return it to the pool where that node has a state already."""
+        if not self.prefix.attach_state(seq.nodes[depth - 1], slot):
+            self.free_snapshots.give([slot])
+
+    def save_state(self, seq: SeqCache) -> None:
+        """Snapshot a decoding sequence's state at its current block end (num_tokens a multiple of block_size,
+        committed): the slot of its previous such snapshot moves here, so one decoding sequence holds one."""
+        node = seq.nodes[seq.num_tokens // self.block_size - 1]
+        if node.state is not None:
+            return
+        slot = self.prefix.move_state(seq.tail, node) if seq.tail is not None else None
+        if slot is None:
+            slot = self.take_snapshot_slot()
+            if slot is None:
+                return
+        self.copy_state(seq.slot, slot)
+        self.prefix.attach_state(node, slot)
+        seq.tail = node
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block and state no sequence holds; True if nothing cached is left."""
+        return self.prefix.reset() if self.prefix is not None else True
 
     # ------------------------------------------------------------------ addressing
     def token_positions(self, seq: SeqCache, start: int, n: int) -> torch.Tensor:

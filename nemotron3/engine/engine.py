@@ -61,6 +61,11 @@ class EngineConfig:
     # (kernels/cpu_amx.c): "highest" float32 (the default); "high" three bfloat16 products per float32 product
     # (~1e-5 relative); "medium" one (bfloat16 inputs, ~3e-3). Decode steps and CPUs without AMX: float32.
     matmul_precision: str = "highest"
+    # vLLM's name: keep full K/V blocks, and Mamba states at a few block ends, after requests finish, so a prompt
+    # that starts with cached tokens (a shared system prompt, the next turn of a chat, a resubmission, a recompute
+    # after preemption) skips them (engine/prefix_cache.py). Off by default: snapshots cost state slots.
+    enable_prefix_caching: bool = False
+    prefix_cache_states: int | None = None  # Mamba state snapshots kept (default max_num_seqs; each one slot)
 
 
 @dataclass
@@ -80,6 +85,9 @@ class LLMEngine:
     # n > 1: the request's first sample prefills the prompt and the others start from copies of its cache (_fork);
     # an engine that keeps more per-sequence state than the cache holds (speculative.py) prefills each sample.
     fork_samples = True
+    # prefix caching resumes a sequence from cached blocks and a state snapshot; an engine with per-sequence state
+    # beyond the cache (speculative.py) cannot
+    caches_prefixes = True
 
     def __init__(
         self,
@@ -95,10 +103,15 @@ class LLMEngine:
         narrow = self._check_dtypes(config, model)  # before anything changes the model
         if narrow is not None:
             narrow_weight_storage(model, narrow)
-        self.cache = HybridCache(
-            mc, CacheConfig(config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs), model.dtype,
-            model.device, mtp_attention_layers, KV_CACHE_DTYPES[config.kv_cache_dtype],
+        if config.enable_prefix_caching and not self.caches_prefixes:
+            raise ValueError(f"enable_prefix_caching is not supported by {type(self).__name__}")
+        cache_config = CacheConfig(
+            config.kv_cache_memory_bytes, config.block_size, config.max_num_seqs, config.enable_prefix_caching,
+            config.prefix_cache_states,
         )  # fmt: skip
+        self.cache = HybridCache(
+            mc, cache_config, model.dtype, model.device, mtp_attention_layers, KV_CACHE_DTYPES[config.kv_cache_dtype]
+        )
         capacity = self.cache.num_blocks * self.cache.block_size if self.cache.has_attention else 1 << 62
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if capacity < self.max_model_len:
@@ -246,6 +259,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the cached blocks and states no running request holds (vLLM's name); True if none is left."""
+        return self.cache.reset_prefix_cache()
+
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """One model forward over the scheduled batch; returns outputs of requests that advanced."""
@@ -263,6 +280,8 @@ class LLMEngine:
         segments += chunks
         sampled += finished
         logits = self.runner.step(segments)
+        if self.cache.prefix is not None:
+            self._cache_prefixes(sched, chunks)
         if any(c.all_logits for c in chunks):
             logits = self._take_prompt_logprobs(sched.prefills, chunks, logits, len(sched.decodes))
         if finished:
@@ -296,12 +315,43 @@ class LLMEngine:
             done = start + n == len(seq.prompt_ids) + len(seq.output_ids)
             req = self.requests[seq.request_id]
             segments.append(Segment(seq.cache, seq.ids_slice(start, start + n), decode=False, want_logits=done,
-                                    all_logits=self._scores_prompt(req, seq, start, n)))  # fmt: skip
+                                    all_logits=self._scores_prompt(req, seq, start, n),
+                                    snapshots=self._prompt_snapshots(seq, start, n)))  # fmt: skip
             if done:
                 finished.append(seq)
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         return segments, finished
+
+    def _prompt_snapshots(self, seq: Sequence, start: int, n: int) -> tuple[tuple[int, int], ...]:
+        """With prefix caching, the Mamba states the chunk of positions [start, start + n) saves (Segment.snapshots):
+        at the end of the prompt's last full block before its last token (a later prompt that repeats or extends
+        this one resumes there), and at the sequence's branch point (where it left the cached blocks of an earlier
+        prompt: the next prompt sharing that prefix resumes there). Each takes a snapshot slot."""
+        if self.cache.prefix is None or not self.cache.free_snapshots.capacity:
+            return ()
+        end = (len(seq.prompt_ids) - 1) // self.cache.block_size * self.cache.block_size
+        snapshots = []
+        for point in sorted({seq.branch_point, end}):
+            slot = self.cache.take_snapshot_slot() if start < point <= start + n else None
+            if slot is not None:
+                snapshots.append((point - start, slot))
+        return tuple(snapshots)
+
+    def _cache_prefixes(self, sched, chunks: list[Segment]) -> None:
+        """After a step: cache every stepped sequence's newly full blocks, keep the prompt snapshots the chunks took,
+        and snapshot each decoding sequence that just reached a block end (HybridCache.save_state)."""
+        cache, bs = self.cache, self.cache.block_size
+        for seq in sched.decodes:
+            c = seq.cache
+            if c.num_tokens // bs > len(c.nodes):
+                cache.commit(c, seq.ids_slice)
+                if c.num_tokens % bs == 0 and cache.free_snapshots.capacity:  # the state is at that block's end
+                    cache.save_state(c)
+        for (seq, n), chunk in zip(sched.prefills, chunks):
+            cache.commit(seq.cache, seq.ids_slice)
+            for m, slot in chunk.snapshots:
+                cache.keep_snapshot(seq.cache, (seq.cache.num_tokens - n + m) // bs, slot)
 
     def _fork(self, sampled: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Start the parked samples of every request whose first sample just finished its prompt: each gets a copy of
@@ -470,7 +520,8 @@ class LLMEngine:
         if prompt_logprobs is not None and len(prompt_logprobs) < len(req.prompt_ids):
             prompt_logprobs = list(prompt_logprobs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics,
-                             prompt_logprobs=prompt_logprobs)  # fmt: skip
+                             prompt_logprobs=prompt_logprobs,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0)  # fmt: skip
 
 
 def _plain_greedy(s: Sequence) -> bool:

@@ -83,3 +83,5 @@ class RequestOutput:
     # holds the prompt token's Logprob (with its rank) and the k most likely tokens at that position. A streamed
     # request carries them in its first delta only.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # prompt tokens the first sample found in the prefix cache (EngineConfig.enable_prefix_caching; 0 without it)
+    num_cached_tokens: int = 0

@@ -35,6 +35,9 @@ class Segment:
     decode: bool  # a generated token (recurrence step) rather than a prompt chunk (scan)
     want_logits: bool  # sample after this segment (last prompt chunk, or a decode step)
     all_logits: bool = False  # logits at every position: a prompt chunk that scores (prompt_logprobs), a verify row
+    # (m, slot) pairs, m increasing: copy the Mamba states after the chunk's first m tokens into state slot `slot`
+    # (prefix caching)
+    snapshots: tuple[tuple[int, int], ...] = ()
 
 
 def logit_rows(segments: list[Segment]) -> list[int]:
@@ -325,8 +328,8 @@ class ModelRunner:
     def _prefill_chunks(
         mixer, proj, segments: list[Segment], offsets: list[int], n_dec: int, conv, ssm, sampled_only: bool = False
     ) -> list[torch.Tensor]:  # fmt: skip
-        """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place: one
-        native call per chunk (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops.
+        """Each prompt chunk (segments n_dec …) runs the chunked scan from its own state slot, in place (_scan); a
+        chunk with snapshots scans in parts and copies the state at each snapshot point into its slot.
         sampled_only: a chunk returns its last row if it samples, else no row (the torch ops form every row and
         drop the rest; z may be unset in those rows); a chunk with all_logits returns every row either way."""
         parts = []
@@ -335,12 +338,15 @@ class ModelRunner:
             a, b, slot = offsets[k], offsets[k + 1], segments[k].seq.slot
             seg = segments[k]
             outputs = "all" if seg.all_logits or not sampled_only else "last" if seg.want_logits else "none"
-            y = native.mamba_prefill(mixer, proj[0, a:b], conv[slot], ssm[slot], dt_range, outputs)
-            if y is None:
-                z, xbc, dt = mixer.split_projection(proj[:, a:b])
-                y = mixer.mix(z, xbc, dt, MambaState(conv[slot : slot + 1], ssm[slot : slot + 1]), decode=False)[0]
-                y = y[-1:] if outputs == "last" else y[:0] if outputs == "none" else y
-            parts.append(y[None])
+            pieces, done = [], 0
+            for m, dst in seg.snapshots:  # scan up to each snapshot point and save the state there
+                inner = outputs if m == b - a else "all" if outputs == "all" else "none"
+                pieces.append(_scan(mixer, proj[:, a + done : a + m], conv, ssm, slot, dt_range, inner))
+                conv[dst], ssm[dst] = conv[slot], ssm[slot]
+                done = m
+            if done < b - a:
+                pieces.append(_scan(mixer, proj[:, a + done : b], conv, ssm, slot, dt_range, outputs))
+            parts.append((pieces[0] if len(pieces) == 1 else torch.cat(pieces))[None])
         return parts
 
     def _attention(self, layer: int, attn, x: torch.Tensor, segments: list[Segment], offsets: list[int], write_idx):
@@ -383,3 +389,15 @@ class ModelRunner:
         tables, offsets, lengths = self._tables
         k, v = self.cache.k[plane], self.cache.v[plane]
         return native.decode_attention(q, k, v, tables, offsets, lengths, self.cache.block_size)
+
+
+def _scan(mixer, proj: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, slot: int, dt_range, outputs: str):
+    """The Mamba mixer over one prompt chunk's projection [1, n, ·] from state slot `slot`, advancing it in place:
+    one native call (conv, scan and gated norm, kernels/cpu_decode.c), or the mixer's torch ops. Returns the
+    outputs [rows, I]: every row ("all"), the last ("last") or none ("none")."""
+    y = native.mamba_prefill(mixer, proj[0], conv[slot], ssm[slot], dt_range, outputs)
+    if y is None:
+        z, xbc, dt = mixer.split_projection(proj)
+        y = mixer.mix(z, xbc, dt, MambaState(conv[slot : slot + 1], ssm[slot : slot + 1]), decode=False)[0]
+        y = y[-1:] if outputs == "last" else y[:0] if outputs == "none" else y
+    return y

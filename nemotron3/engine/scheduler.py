@@ -48,6 +48,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list = field(default_factory=list)
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    branch_point: int = 0  # prefix caching: where this sequence leaves the cached blocks, past its resume point
     num_spec: int = 0  # draft tokens to verify with the next decode (speculative decoding; 0 = plain decode)
 
     @property
@@ -145,7 +147,7 @@ class Scheduler:
         if not self.cache.has_attention:
             return 1 << 62
         c = seq.cache
-        return len(self.cache.free_blocks) * self.cache.block_size + len(c.blocks) * self.cache.block_size - c.num_tokens
+        return (self.cache.available_blocks() + len(c.blocks)) * self.cache.block_size - c.num_tokens
 
     def schedule(self) -> Scheduled:
         budget = self.config.max_num_batched_tokens
@@ -181,14 +183,19 @@ class Scheduler:
             seq = self.waiting[0]
             if not len(self.cache.free_slots):
                 break
-            want = min(seq.num_pending, budget) if self.config.enable_chunked_prefill else seq.num_pending
+            cached, depth = self._cached_prefix(seq)
+            pending = seq.num_pending - len(cached) * self.cache.block_size
+            want = min(pending, budget) if self.config.enable_chunked_prefill else pending
             if want > budget and (decodes or prefills):
                 break  # an unchunked prompt waits for a step of its own
-            blocks = self.cache.blocks_needed(None, want)
-            if blocks > len(self.cache.free_blocks):
+            blocks = self.cache.blocks_needed(None, want)  # a cached prefix ends on a block end
+            if blocks > self.cache.available_blocks(cached):
                 break
             self.waiting.popleft()
-            seq.cache = self.cache.open()
+            seq.cache = self.cache.open(cached)
+            seq.branch_point = depth * self.cache.block_size if depth > len(cached) else 0
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.cache.num_tokens
             self.cache.grow(seq.cache, want)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -196,3 +203,11 @@ class Scheduler:
             prefills.append((seq, want))
         decodes.sort(key=lambda s: s.cache.slot)
         return Scheduled(decodes, prefills, preempted)
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list, int]:
+        """PrefixCache.match for a waiting sequence: the nodes it resumes after, and the cached depth in blocks
+        (nothing without prefix caching, or for a request that scores its prompt: it needs every position's
+        logits)."""
+        if self.cache.prefix is None or seq.params.prompt_logprobs is not None:
+            return [], 0
+        return self.cache.prefix.match(seq.all_ids)

@@ -310,6 +310,7 @@ class SpeculativeEngine(LLMEngine):
     """LLMEngine that decodes with MTP drafts and one verify forward per step (module docstring)."""
 
     fork_samples = False  # the MTP state of a sequence (_SpecState) is not in the cache a fork copies
+    caches_prefixes = False  # the drafter's per-sequence state is not in the cache
 
     def __init__(
         self,
