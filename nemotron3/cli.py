@@ -231,6 +231,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "tiles where the CPU has them (bf16 products; docs/benchmarks.md)")  # fmt: skip
 
 
+def _add_prefix_caching_flag(p: argparse.ArgumentParser, default: bool | None) -> None:
+    """default None: on, unless --speculative-config (the speculative engine does not cache prefixes)."""
+    when = {True: "on", False: "off", None: "on, off with --speculative-config"}[default]
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=default,
+                   help="keep K/V blocks and Mamba states of finished requests for prompts that start with the same "
+                        f"tokens (vLLM's flag; docs/serving.md). Default: {when}")  # fmt: skip
+
+
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text or tokens with the engine")
     p.add_argument(
@@ -258,6 +266,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                    help="score the prompt: each prompt token's logprob (and top K, with --json), their sum, perplexity")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_engine_flags(p)
+    _add_prefix_caching_flag(p, default=False)
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     p.set_defaults(func=cmd_generate)
@@ -279,6 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         llm = LLM(
             args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
             enforce_eager=args.enforce_eager, matmul_precision=args.matmul_precision,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
         if args.chat:
             tok = llm.get_tokenizer()
@@ -755,6 +765,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory, a preset (random weights) or 'default' (the embedded model)")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_engine_flags(p)
+    _add_prefix_caching_flag(p, default=None)  # serve and chat: repeated prefixes (turns, system prompts) are the rule
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -770,6 +781,8 @@ def _llm_options(args: argparse.Namespace) -> dict:
     opts["kv_cache_dtype"] = args.kv_cache_dtype
     opts["enforce_eager"] = args.enforce_eager
     opts["matmul_precision"] = args.matmul_precision
+    caching = args.enable_prefix_caching
+    opts["enable_prefix_caching"] = args.speculative_config is None if caching is None else caching
     if args.max_model_len is not None:
         opts["max_model_len"] = args.max_model_len
     if args.speculative_config is not None:

@@ -92,3 +92,19 @@ def test_python_dash_m():
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["total_params"] == 172_672
+
+
+def test_prefix_caching_flag_defaults():
+    """serve and chat cache prefixes unless told not to (or speculating, which the engine refuses); generate does
+    not unless told to."""
+    from nemotron3.cli import _llm_options, build_parser
+
+    parser = build_parser()
+    serve = lambda *extra: _llm_options(parser.parse_args(["serve", "default", *extra]))  # noqa: E731
+    assert serve()["enable_prefix_caching"] is True
+    assert serve("--no-enable-prefix-caching")["enable_prefix_caching"] is False
+    assert serve("--speculative-config", '{"method": "mtp"}')["enable_prefix_caching"] is False
+    assert _llm_options(parser.parse_args(["chat", "default"]))["enable_prefix_caching"] is True
+    generate = ["generate", "default", "--prompt", "hi"]
+    assert parser.parse_args(generate).enable_prefix_caching is False
+    assert parser.parse_args([*generate, "--enable-prefix-caching"]).enable_prefix_caching is True

@@ -78,6 +78,11 @@ class LLM:
             self.engine = SpeculativeEngine(self.model, tokenizer, EngineConfig(**engine_options), spec)
         self._ids = itertools.count()
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache's blocks and states that no running request holds (vLLM's name); True if none is
+        left (always, between generate calls)."""
+        return self.engine.reset_prefix_cache()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
@@ -190,4 +195,5 @@ def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutpu
         )
         sent[c.index] = (len(c.token_ids), len(c.text))
     return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, deltas, out.finished, out.metrics,
-                         prompt_logprobs=lps if send_prompt else None)  # fmt: skip
+                         prompt_logprobs=lps if send_prompt else None,
+                         num_cached_tokens=out.num_cached_tokens)  # fmt: skip

@@ -116,6 +116,7 @@ class Piece:
     reasoning_tokens: int = 0
     forced: bool = False  # the injected closing tokens
     prompt_logprobs: list | None = None  # the prompt's (SamplingParams.prompt_logprobs), in one piece only
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (RequestOutput.num_cached_tokens)
 
 
 @dataclass
@@ -201,11 +202,12 @@ async def stream_with_budget(
                     lps = c.logprobs[:n_keep] if c.logprobs is not None else None
                     if n_keep or text or out.prompt_logprobs is not None:
                         yield Piece(c.token_ids[:n_keep], text, lps, reasoning_tokens=counter.reasoning_tokens,
-                                    prompt_logprobs=prompt_part(out))  # fmt: skip
+                                    prompt_logprobs=prompt_part(out), num_cached_tokens=out.num_cached_tokens)  # fmt: skip
                     break
                 sent_text += len(c.text)
                 yield Piece(list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.stop_reason,
-                            counter.reasoning_tokens, prompt_logprobs=prompt_part(out))  # fmt: skip
+                            counter.reasoning_tokens, prompt_logprobs=prompt_part(out),
+                            num_cached_tokens=out.num_cached_tokens)  # fmt: skip
                 if out.finished:
                     return
         finally:

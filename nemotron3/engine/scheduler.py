@@ -115,6 +115,8 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (first admissions; vLLM's name)
+        self.prefix_cache_hits = 0  # of those, tokens found
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -196,6 +198,9 @@ class Scheduler:
             seq.branch_point = depth * self.cache.block_size if depth > len(cached) else 0
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.cache.num_tokens
+                if self.cache.prefix is not None:
+                    self.prefix_cache_queries += len(seq.prompt_ids)
+                    self.prefix_cache_hits += seq.num_cached_tokens
             self.cache.grow(seq.cache, want)
             seq.status = Status.RUNNING
             self.running.append(seq)

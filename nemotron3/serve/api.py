@@ -91,6 +91,10 @@ class EngineClient:
             out["kv_cache_usage_ratio"] = round(1 - len(cache.free_blocks) / cache.num_blocks, 6)
             out["kv_cache_blocks_free"] = len(cache.free_blocks)
         out["state_slots_free"] = len(cache.free_slots)
+        if cache.prefix is not None:  # vLLM's prefix-cache counters, in tokens
+            out["prefix_cache_queries"] = sched.prefix_cache_queries
+            out["prefix_cache_hits"] = sched.prefix_cache_hits
+            out["prefix_cache_blocks"] = cache.prefix.num_nodes
         return out
 
     def alive(self) -> bool:
@@ -246,6 +250,7 @@ class _Job:
     reasoning_tokens: int = 0
     prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] when its params ask for them
     fork_of: int | None = None  # the index of the job (same prompt) whose prefill this one copies
+    num_cached_tokens: int = 0  # prompt tokens its first phase found in the prefix cache
 
 
 class _Server:
@@ -424,7 +429,7 @@ class _Server:
             choices.append(choice)
         self.metrics.request_done("/v1/chat/completions", 200)
         body = {"id": rid, "object": "chat.completion", "created": now(), "model": name, "choices": choices,
-                "usage": _usage(len(prompt_ids), jobs)}  # fmt: skip
+                "usage": _usage(len(prompt_ids), jobs, n=len(jobs))}  # fmt: skip
         if req.prompt_logprobs is not None:  # vLLM's field: the rendered prompt's tokens, scored
             body["prompt_logprobs"] = self._prompt_logprobs(jobs[0].prompt_logprobs, req.prompt_logprobs)
         return body
@@ -444,6 +449,7 @@ class _Server:
                     job.logprobs.extend(piece.logprobs)
                 if piece.prompt_logprobs is not None:
                     job.prompt_logprobs = piece.prompt_logprobs
+                job.num_cached_tokens = max(job.num_cached_tokens, piece.num_cached_tokens)
                 job.reasoning_tokens = piece.reasoning_tokens
                 if piece.finish_reason is not None:
                     job.finish_reason = piece.finish_reason
@@ -600,7 +606,7 @@ class _Server:
                     yield chunk(job.index, d, logprobs=lp if k == 0 else None)
             if include_usage:
                 yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                            "choices": [], "usage": _usage(len(jobs[0].prompt_ids), jobs)})  # fmt: skip
+                            "choices": [], "usage": _usage(len(jobs[0].prompt_ids), jobs, n=len(jobs))})  # fmt: skip
             yield "data: [DONE]\n\n"
             finished = True
         except (asyncio.CancelledError, GeneratorExit):
@@ -741,7 +747,7 @@ class _Server:
         self.metrics.request_done("/v1/completions", 200)
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return {"id": rid, "object": "text_completion", "created": now(), "model": name, "choices": choices,
-                "usage": _usage(prompt_tokens, jobs, reasoning=False)}  # fmt: skip
+                "usage": _usage(prompt_tokens, jobs, reasoning=False, n=req.n)}  # fmt: skip
 
     def _echo_logprobs(self, job: _Job, k: int) -> dict:
         """The echoed prompt's part of a completion's `logprobs`: null for its first token, which nothing predicts
@@ -791,7 +797,7 @@ class _Server:
             if include_usage:
                 prompt_tokens = sum(len(j.prompt_ids) for j in jobs) // max(req.n, 1)
                 yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [],
-                            "usage": _usage(prompt_tokens, jobs, reasoning=False)})  # fmt: skip
+                            "usage": _usage(prompt_tokens, jobs, reasoning=False, n=req.n)})  # fmt: skip
             yield "data: [DONE]\n\n"
             finished = True
         except (asyncio.CancelledError, GeneratorExit):
@@ -851,12 +857,15 @@ def _message_dict(m, i: int) -> dict:
     return d
 
 
-def _usage(prompt_tokens: int, jobs: list[_Job], reasoning: bool = True) -> dict:
+def _usage(prompt_tokens: int, jobs: list[_Job], reasoning: bool = True, n: int = 1) -> dict:
+    """OpenAI's usage object; jobs holds n samples per prompt, prompt by prompt (prompt tokens count once). With
+    prefix caching, prompt_tokens_details.cached_tokens counts the prompt tokens found in the cache."""
     completion = sum(len(j.token_ids) for j in jobs)
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(j.num_cached_tokens for j in jobs[:: max(n, 1)])},
     }
     if reasoning:
         usage["completion_tokens_details"] = {"reasoning_tokens": sum(j.reasoning_tokens for j in jobs)}

@@ -103,7 +103,8 @@ def real():
     """The embedded default model, a small context (512) so that context errors are cheap to provoke."""
     from nemotron3.serve.api import build_client
 
-    client = build_client("default", max_model_len=512, max_num_seqs=64, kv_cache_memory_bytes=64 << 20)
+    client = build_client("default", max_model_len=512, max_num_seqs=64, kv_cache_memory_bytes=64 << 20,
+                          enable_prefix_caching=True)  # as `nemotron3 serve` runs by default
     app = create_app(client, ServeConfig(model_names=["default"]))
     with ServerThread(app) as url:
         yield client, url

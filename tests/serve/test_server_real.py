@@ -35,7 +35,7 @@ def assert_no_leaks(client) -> None:
     wait_idle(client)
     e = client.engine
     assert not e.requests and not e.scheduler.running and not e.scheduler.waiting
-    assert len(e.cache.free_blocks) == e.cache.num_blocks
+    assert e.cache.available_blocks() == e.cache.num_blocks  # free, or cached and held by no request
     assert len(e.cache.free_slots) == e.config.max_num_seqs
 
 
@@ -201,3 +201,25 @@ def test_load_concurrent_streams_with_cancellations(real):
         if idle is None:
             idle = _rss_mib()
     assert _rss_mib() <= idle + 32
+
+
+def test_prefix_cache_serves_the_next_turn(real):
+    """The server caches prefixes by default: the second turn of a chat resumes after the first turn's prompt, and
+    usage.prompt_tokens_details.cached_tokens and /metrics count it."""
+    client, url = real
+    marker = f"{random.random():.12f}"  # a system prompt no earlier test used
+    msgs = [{"role": "system", "content": f"Session {marker}. Answer in one short line."},
+            {"role": "user", "content": "Name a colour."}]  # fmt: skip
+    first = oc(url).chat.completions.create(model="default", messages=msgs, max_tokens=8, temperature=0, extra_body=OFF)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "Another one."}]  # fmt: skip
+    second = oc(url).chat.completions.create(model="default", messages=msgs, max_tokens=8, temperature=0,
+                                             extra_body=OFF)  # fmt: skip
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % client.engine.cache.block_size == 0
+    assert first.usage.prompt_tokens - client.engine.cache.block_size <= cached < second.usage.prompt_tokens
+    metrics = httpx.get(url + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("nemotron3_prefix_cache_hits ")]
+    assert hits and float(hits[0].split()[1]) >= cached
+    assert_no_leaks(client)
