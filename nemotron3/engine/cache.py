@@ -310,8 +310,9 @@ class HybridCache:
             self.free_snapshots.give([slot])
 
     def save_state(self, seq: SeqCache) -> None:
-        """Snapshot a decoding sequence's state at its current block end (num_tokens a multiple of block_size,
-        committed): the slot of its previous such snapshot moves here, so one decoding sequence holds one."""
+        """Snapshot a sequence's state at its current block end (num_tokens a multiple of block_size, committed):
+        the slot of its previous such snapshot moves here, so one sequence holds one (HybridCache's others belong
+        to prompts: PrefixCache.attach_state)."""
         node = seq.nodes[seq.num_tokens // self.block_size - 1]
         if node.state is not None:
             return

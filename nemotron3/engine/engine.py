@@ -339,19 +339,21 @@ class LLMEngine:
         return tuple(snapshots)
 
     def _cache_prefixes(self, sched, chunks: list[Segment]) -> None:
-        """After a step: cache every stepped sequence's newly full blocks, keep the prompt snapshots the chunks took,
-        and snapshot each decoding sequence that just reached a block end (HybridCache.save_state)."""
+        """After a step: cache every stepped sequence's newly full blocks, keep the snapshots its chunk took, and
+        snapshot a sequence past its prompt that just reached a block end (HybridCache.save_state: the next turn of
+        a chat, or a recompute, resumes there)."""
         cache, bs = self.cache, self.cache.block_size
-        for seq in sched.decodes:
+        stepped = [(seq, 1, ()) for seq in sched.decodes]
+        stepped += [(seq, n, chunk.snapshots) for (seq, n), chunk in zip(sched.prefills, chunks)]
+        for seq, n, snapshots in stepped:
             c = seq.cache
-            if c.num_tokens // bs > len(c.nodes):
-                cache.commit(c, seq.ids_slice)
-                if c.num_tokens % bs == 0 and cache.free_snapshots.capacity:  # the state is at that block's end
-                    cache.save_state(c)
-        for (seq, n), chunk in zip(sched.prefills, chunks):
-            cache.commit(seq.cache, seq.ids_slice)
-            for m, slot in chunk.snapshots:
-                cache.keep_snapshot(seq.cache, (seq.cache.num_tokens - n + m) // bs, slot)
+            if c.num_tokens // bs == len(c.nodes):  # no new full block (most decode steps)
+                continue
+            cache.commit(c, seq.ids_slice)
+            for m, slot in snapshots:
+                cache.keep_snapshot(c, (c.num_tokens - n + m) // bs, slot)
+            if c.num_tokens % bs == 0 and c.num_tokens >= len(seq.prompt_ids) and cache.free_snapshots.capacity:
+                cache.save_state(c)  # the state is at that block's end
 
     def _fork(self, sampled: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Start the parked samples of every request whose first sample just finished its prompt: each gets a copy of

@@ -26,7 +26,9 @@ class LLM:
     Engine options (vLLM's names): max_model_len, max_num_seqs, max_num_batched_tokens,
     enable_chunked_prefill, block_size, kv_cache_memory_bytes; weight_dtype="bfloat16" stores a float32 model's
     matrices in bf16 (weight-only: activations, K/V and states stay float32; decode reads half the bytes);
-    kv_cache_dtype="bfloat16" stores K/V in bf16 (twice the tokens per budget); matmul_precision="high" or
+    kv_cache_dtype="bfloat16" stores K/V in bf16 (twice the tokens per budget); enable_prefix_caching=True keeps
+    finished requests' blocks and some Mamba states for prompts that start alike (prefix_cache_states: how many
+    states; engine/prefix_cache.py); matmul_precision="high" or
     "medium" (torch.set_float32_matmul_precision's names) runs prefill GEMMs on AMX tiles where the CPU has them.
     speculative_config: {"method": "mtp" (or "nemotron_h_mtp"), "num_speculative_tokens": k} drafts k
     tokens per step with the model's MTP block and verifies them losslessly (docs/speculative.md).
