@@ -88,8 +88,9 @@ class EngineClient:
         cache, sched = e.cache, e.scheduler
         out = {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting)}
         if cache.has_attention and cache.num_blocks:
-            out["kv_cache_usage_ratio"] = round(1 - len(cache.free_blocks) / cache.num_blocks, 6)
-            out["kv_cache_blocks_free"] = len(cache.free_blocks)
+            free = cache.available_blocks()  # cached blocks no request holds count as free, as in vLLM
+            out["kv_cache_usage_ratio"] = round(1 - free / cache.num_blocks, 6)
+            out["kv_cache_blocks_free"] = free
         out["state_slots_free"] = len(cache.free_slots)
         if cache.prefix is not None:  # vLLM's prefix-cache counters, in tokens
             out["prefix_cache_queries"] = sched.prefix_cache_queries

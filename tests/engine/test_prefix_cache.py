@@ -245,3 +245,76 @@ def test_trie_reclaims_least_recently_used_leaves_first():
     assert sorted(freed) == [10, 11, 12] and trie.num_nodes == 0
     with pytest.raises(MemoryError):
         trie.evict_blocks(1)
+
+
+def check_accounting(cache: HybridCache, open_seqs: list) -> None:
+    """Every block and snapshot slot is in exactly one place, and the trie's counters match a recount."""
+    nodes, stack = [], list(cache.prefix.root.children.values())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children.values())
+    private = [b for s in open_seqs for b in s.blocks[len(s.nodes) :]]
+    cached = [n.block for n in nodes if n.block is not None]
+    assert sorted(cache.free_blocks._free + private + cached) == list(range(cache.num_blocks))
+    states = [n.state for n in nodes if n.state is not None]
+    assert sorted(cache.free_snapshots._free + states) == list(range(4, 4 + cache.free_snapshots.capacity))
+    for node in nodes:
+        assert node.refs == sum(node in s.nodes for s in open_seqs)
+    assert cache.prefix.evictable_blocks == sum(1 for n in nodes if n.refs == 0 and n.block is not None)
+    assert all(n.block is not None or n.state is not None or n.children or n.refs for n in nodes)  # no dead nodes
+    assert cache.prefix.num_nodes == len(nodes)
+    for s in open_seqs:  # a held chain is a path from the root, and the table points at its blocks
+        assert all(b.parent is a for a, b in zip([cache.prefix.root, *s.nodes], s.nodes))
+        assert s.blocks[: len(s.nodes)] == ([n.block for n in s.nodes] if cache.has_attention else [])
+
+
+@pytest.mark.parametrize("pattern", ["ME*MEM*E", "MEME"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_operations_keep_the_pools_whole(seed, pattern):
+    """Sequences over a 3-token alphabet (so prefixes repeat) open from the trie, grow, commit, snapshot and close in
+    random order under a pool small enough to reclaim; the accounting holds after every operation (the model is not
+    run: this is the allocator alone)."""
+    rng = random.Random(seed)
+    config = CONFIG.replace(layers_block_type=pattern_to_kinds(pattern))
+    cache = HybridCache(config, CacheConfig(memory_bytes=1 << 22, block_size=2, max_num_seqs=4,
+                                            enable_prefix_caching=True, prefix_cache_states=3), torch.float32)  # fmt: skip
+    if cache.has_attention:
+        cache.num_blocks, cache.free_blocks._free = 24, list(range(24))  # 24 usable blocks of 2 tokens
+    open_seqs, ids = [], {}
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.3 and len(cache.free_slots):
+            tokens = [rng.randint(0, 2) for _ in range(rng.randint(2, 14))]
+            nodes, _ = cache.prefix.match(tokens)
+            if cache.blocks_needed(None, len(tokens) - 2 * len(nodes)) <= cache.available_blocks(nodes):
+                seq = cache.open(nodes)
+                ids[id(seq)] = tokens
+                open_seqs.append(seq)
+        elif op < 0.7 and open_seqs:  # feed some of a sequence's pending tokens (or new ones), then commit
+            seq = rng.choice(open_seqs)
+            tokens = ids[id(seq)]
+            if seq.num_tokens == len(tokens):
+                tokens.append(rng.randint(0, 2))
+            n = rng.randint(1, len(tokens) - seq.num_tokens)
+            if not cache.can_grow(seq, n):
+                continue
+            cache.grow(seq, n)
+            seq.num_tokens += n
+            cache.commit(seq, lambda a, b, t=tokens: t[a:b])
+            if seq.num_tokens % 2 == 0 and rng.random() < 0.5:
+                cache.save_state(seq)
+        elif op < 0.8 and open_seqs and len(cache.free_slots) and cache.can_fork(open_seqs[0]):
+            parent = rng.choice(open_seqs)
+            if cache.can_fork(parent):
+                child = cache.fork(parent)
+                ids[id(child)] = list(ids[id(parent)])
+                open_seqs.append(child)
+        elif op < 0.97 and open_seqs:
+            cache.close(open_seqs.pop(rng.randrange(len(open_seqs))))
+        else:
+            cache.reset_prefix_cache()
+        check_accounting(cache, open_seqs)
+    for seq in open_seqs:
+        cache.close(seq)
+    assert cache.reset_prefix_cache() and len(cache.free_blocks) == cache.num_blocks and len(cache.free_snapshots) == 3
