@@ -48,6 +48,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The vocabulary's strings for token ids (byte-level BPE pieces, e.g. "Ġhello"), as transformers names it."""
+        return [self._tok.id_to_token(i) for i in ids]
+
     def apply_chat_template(
         self,
         messages: list[dict],

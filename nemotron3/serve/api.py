@@ -48,6 +48,8 @@ from nemotron3.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     error_body,
     new_id,
     now,
@@ -195,6 +197,18 @@ def create_app(client, config: ServeConfig | None = None) -> FastAPI:
         req = _parse(CompletionRequest, await _body(request))
         return await server.completion(req, request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return server.tokenize(_parse(TokenizeRequest, await _body(request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return server.detokenize(_parse(DetokenizeRequest, await _body(request)))
+
+    @app.get("/version")
+    async def version():
+        return {"version": _package_version()}
+
     return app
 
 
@@ -323,7 +337,9 @@ class _Server:
                            f"[0, {self.client.vocab_size})", param=param)  # fmt: skip
 
     # ------------------------------------------------------------------ chat
-    def _render(self, req: ChatCompletionRequest) -> tuple[str, ReasoningConfig, list[dict] | None]:
+    def _render(
+        self, req: ChatCompletionRequest, add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> tuple[str, ReasoningConfig, list[dict] | None]:
         self._need_tokenizer()
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
@@ -357,11 +373,38 @@ class _Server:
             raise APIError(400, str(e), param="thinking_budget") from None
         messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                        enable_thinking=reasoning.enabled, **kwargs)  # fmt: skip
+            prompt = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, enable_thinking=reasoning.enabled, **kwargs,
+            )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - template errors are the request's fault (bad message shapes)
             raise APIError(400, f"could not render the chat template: {e}", param="messages") from None
         return prompt, reasoning, tools
+
+    # ------------------------------------------------------------------ tokenizer endpoints (vLLM's)
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        """The token ids the server would feed for a prompt (as /v1/completions encodes it) or for chat messages
+        (rendered as /v1/chat/completions renders them, thinking options included)."""
+        self.check_model(req.model)
+        self._need_tokenizer()
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "tokenize needs exactly one of prompt and messages", param="prompt")
+        text = req.prompt
+        if req.messages is not None:
+            chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                         chat_template_kwargs=req.chat_template_kwargs)  # fmt: skip
+            text, _, _ = self._render(chat, req.add_generation_prompt, req.continue_final_message)
+        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.client.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        """The text of token ids, special tokens included."""
+        self.check_model(req.model)
+        self._need_tokenizer()
+        if req.tokens:
+            self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     def _structured(self, req: ChatCompletionRequest, in_reasoning: bool):
         rf = req.response_format
@@ -856,6 +899,15 @@ def _message_dict(m, i: int) -> dict:
             )
         d["tool_calls"] = calls
     return d
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nemotron3")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
 
 
 def _usage(prompt_tokens: int, jobs: list[_Job], reasoning: bool = True, n: int = 1) -> dict:

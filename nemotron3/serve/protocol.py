@@ -129,6 +129,25 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(default=None, ge=1)
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template as /v1/chat/completions does."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = False  # as the completion endpoints encode (the chat template writes its own)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[ToolDef] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ------------------------------------------------------------------------------------------ ids
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

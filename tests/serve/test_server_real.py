@@ -223,3 +223,29 @@ def test_prefix_cache_serves_the_next_turn(real):
     hits = [line for line in metrics.splitlines() if line.startswith("nemotron3_prefix_cache_hits ")]
     assert hits and float(hits[0].split()[1]) >= cached
     assert_no_leaks(client)
+
+
+def test_tokenize_detokenize_and_version(real):
+    """vLLM's /tokenize counts what the endpoints feed: the rendered chat prompt has usage.prompt_tokens tokens."""
+    client, url = real
+    tok = client.engine.tokenizer
+    r = httpx.post(url + "/tokenize", json={"model": "default", "prompt": "Once upon a time", "return_token_strs": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == tok.encode("Once upon a time") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 512 and "".join(body["token_strs"]).replace("Ġ", " ") == "Once upon a time"
+    chat = httpx.post(url + "/tokenize", json={"messages": HI, **OFF}).json()
+    done = oc(url).chat.completions.create(model="default", messages=HI, max_tokens=1, extra_body=OFF)
+    assert chat["count"] == done.usage.prompt_tokens and chat["token_strs"] is None
+    partial = httpx.post(url + "/tokenize", json={"messages": [*HI, {"role": "assistant", "content": "It is"}],
+                                                  "add_generation_prompt": False, "continue_final_message": True,
+                                                  **OFF}).json()  # fmt: skip
+    assert tok.decode(partial["tokens"], skip_special_tokens=False).endswith("It is")
+    back = httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert tok.encode(back) == chat["tokens"]
+    for bad, field in (({"prompt": "a", "messages": HI}, "prompt"), ({}, "prompt"), ({"tokens": [10**9]}, "tokens")):
+        path = "/detokenize" if "tokens" in bad else "/tokenize"
+        r = httpx.post(url + path, json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (bad, r.text)
+    assert httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "a"}).status_code == 404
+    assert httpx.get(url + "/version").json()["version"] not in ("", None)
