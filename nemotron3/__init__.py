@@ -3,10 +3,11 @@
 from nemotron3.config import ModelConfig
 from nemotron3.engine.llm import LLM
 from nemotron3.engine.outputs import CompletionOutput, RequestOutput
-from nemotron3.engine.sampling_params import SamplingParams
+from nemotron3.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from nemotron3.io.checkpoint import save_checkpoint
 from nemotron3.loader import load_model
 
 __all__ = [
-    "LLM", "CompletionOutput", "ModelConfig", "RequestOutput", "SamplingParams", "load_model", "save_checkpoint",
+    "LLM", "CompletionOutput", "ModelConfig", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
+    "load_model", "save_checkpoint",
 ]  # fmt: skip

@@ -100,7 +100,7 @@ def test_prefix_caching_flag_defaults():
     from nemotron3.cli import _llm_options, build_parser
 
     parser = build_parser()
-    serve = lambda *extra: _llm_options(parser.parse_args(["serve", "default", *extra]))  # noqa: E731
+    serve = lambda *extra: _llm_options(parser.parse_args(["serve", "default", *extra]))
     assert serve()["enable_prefix_caching"] is True
     assert serve("--no-enable-prefix-caching")["enable_prefix_caching"] is False
     assert serve("--speculative-config", '{"method": "mtp"}')["enable_prefix_caching"] is False

@@ -169,8 +169,8 @@ class HybridCache:
         if left < 0:
             raise ValueError(
                 f"cache memory {cache_config.memory_bytes / 2**20:.1f} MiB cannot hold {slots} Mamba state slots "
-                f"({slot_bytes / 2**20:.2f} MiB each; {snapshots} of them prefix-cache snapshots): raise the memory "
-                "budget, or lower max_num_seqs or prefix_cache_states"
+                f"({slot_bytes / 2**20:.2f} MiB each{f'; {snapshots} of them prefix-cache snapshots' if snapshots else ''})"
+                ": raise the memory budget, or lower max_num_seqs or prefix_cache_states"
             )
         num_blocks = left // block_bytes if block_bytes else 0
         if n_planes and num_blocks < 1:

@@ -7,6 +7,7 @@ applies stop conditions and returns the requests whose state changed. `LLM` and 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class LLMEngine:
     # prefix caching resumes a sequence from cached blocks and a state snapshot; an engine with per-sequence state
     # beyond the cache (speculative.py) cannot
     caches_prefixes = True
+    applies_logits_processors = True  # SamplingParams.logits_processors / structured_outputs (not speculative.py)
 
     def __init__(
         self,
@@ -167,12 +169,14 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("SamplingParams.bad_words: bad words need a tokenizer; use logit_bias with token ids")
             req.bad_words = bad_word_sequences(self.tokenizer, params.bad_words)
+        constrain = self._structured_outputs(params)
         source = self._fork_source(fork_of, ids) if params.prompt_logprobs is None else None  # scoring prefills
         for index in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
-            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, next(self._arrivals), gen)
+            seq_params = params if constrain is None else constrain()
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, seq_params, next(self._arrivals), gen)
             req.seqs.append(seq)
             if source is not None:
                 source.parked.append(seq)
@@ -181,6 +185,28 @@ class LLMEngine:
             else:
                 self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    def _structured_outputs(self, params: SamplingParams):
+        """For SamplingParams.structured_outputs: a function giving each sample its own params, with a fresh
+        constraint (engine/structured.py) appended to its logits processors; None without structured outputs."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if not self.applies_logits_processors:
+            raise ValueError(f"SamplingParams.structured_outputs is not supported by {type(self).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.structured_outputs needs a tokenizer (constraints are on text)")
+        from nemotron3.engine.structured import StructuredLogitsProcessor, build_automaton, vocab_index
+
+        automaton = build_automaton(spec)  # shared by the samples: it holds no per-sample state
+        index = vocab_index(self.tokenizer, self.model.config.vocab_size)
+
+        def constrained() -> SamplingParams:
+            proc = StructuredLogitsProcessor(automaton, index, self.eos_ids)
+            return dataclasses.replace(params, n=1, structured_outputs=None,
+                                       logits_processors=[*params.logits_processors, proc])  # fmt: skip
+
+        return constrained
 
     def _fork_source(self, fork_of: str | None, ids: list[int]) -> _Request | None:
         """The request whose first sample a new request with prompt `ids` can fork from, if any (add_request)."""

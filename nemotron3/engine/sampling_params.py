@@ -3,7 +3,62 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured outputs: the output must be a JSON value of a schema (`json`, a dict or its JSON text), any
+    JSON object (`json_object=True`), a full match of a regex (`regex`, engine/regex.py's subset) or one of the
+    strings in `choice`. Exactly one is set. `grammar` (EBNF / Lark) is not supported."""
+
+    json: dict | str | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    grammar: str | None = None
+
+    @classmethod
+    def from_value(cls, value: Any) -> StructuredOutputsParams:
+        """From an instance or a dict of its fields (the server's `structured_outputs`); ValueError names a bad key."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(  # noqa: TRY004 - the API's contract: bad sampling parameters are ValueErrors
+                f"structured_outputs must be a dict such as {{'regex': '...'}}, got {type(value).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    def validate(self) -> None:
+        """Exactly one constraint, well formed: the schema or pattern compiles (errors name the field)."""
+        if self.grammar is not None:
+            raise ValueError(
+                "structured_outputs.grammar (EBNF / Lark grammars) is not supported; use json, regex or choice"
+            )
+        given = [n for n in ("json", "regex", "choice") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of json, json_object, regex, choice; got {given or 'none'}"
+            )
+        (name,) = given
+        if name == "choice" and not (
+            isinstance(self.choice, list) and self.choice and all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                f"structured_outputs.choice must be a non-empty list of non-empty strings, got {self.choice!r}"
+            )
+        from nemotron3.engine.structured import build_automaton
+
+        try:
+            build_automaton(self)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.{name}: {e}") from None
 
 
 @dataclass
@@ -32,6 +87,10 @@ class SamplingParams:
     `proc(logits: Tensor[V]) -> Tensor[V]` applied, in order, to this sample's raw logits before penalties
     and sampling; a processor with an `accept(token_id)` method is told the token that was chosen. They keep
     per-sequence state, so they need n == 1. The speculative (MTP) engine does not apply them.
+
+    structured_outputs (vLLM's; a StructuredOutputsParams or a dict of its fields): the output must match a JSON
+    Schema, be a JSON object, fully match a regex or be one of a list of strings. The engine gives each sample
+    its own constraint (any n); it needs a tokenizer, and the speculative engine refuses it.
     """
 
     n: int = 1
@@ -58,6 +117,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     extra: dict = field(default_factory=dict)
     logits_processors: list = field(default_factory=list)
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +125,11 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logits_processors = list(self.logits_processors or [])
+        if self.structured_outputs is not None:
+            try:
+                self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"SamplingParams.{e}") from None
         self.validate()
 
     @property
@@ -131,6 +196,11 @@ class SamplingParams:
         _check(all(map(_token_id, self.stop_token_ids)), "stop_token_ids", "must be non-negative integers", self.stop_token_ids)
         _check(all(callable(f) for f in self.logits_processors), "logits_processors", "must be callables", self.logits_processors)
         _check(not self.logits_processors or self.n == 1, "logits_processors", "keep per-sequence state: they need n == 1", self.n)
+        if self.structured_outputs is not None:
+            try:
+                self.structured_outputs.validate()
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.{e}") from None
 
 
 def truncate_prompt(ids: list[int], keep: int | None, max_tokens: int | None, max_model_len: int) -> list[int]:

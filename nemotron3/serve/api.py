@@ -10,7 +10,7 @@ cache returns to the pools at once). Every error is answered with an OpenAI-styl
 Chat requests: the checkpoint's chat template renders the messages (tools, enable_thinking); the output is
 split into `reasoning_content` and `content`, tool calls are parsed into `tool_calls`, the reasoning budget
 (thinking_budget / reasoning_effort) is enforced by nemotron3.engine.reasoning, and response_format is
-enforced by constrained decoding (nemotron3.serve.structured). n > 1 runs n engine requests (seed + i),
+enforced by constrained decoding (nemotron3.engine.structured). n > 1 runs n engine requests (seed + i),
 so that each sample has its own budget and constraint state.
 """
 
@@ -35,7 +35,7 @@ from nemotron3.engine.reasoning import (
     prompt_opens_thinking,
     stream_with_budget,
 )
-from nemotron3.engine.sampling_params import SamplingParams, truncate_prompt
+from nemotron3.engine.sampling_params import SamplingParams, StructuredOutputsParams, truncate_prompt
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.parsers import (
     ReasoningStreamParser,
@@ -406,38 +406,59 @@ class _Server:
             self._check_ids(req.tokens, "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    def _structured(self, req: ChatCompletionRequest, in_reasoning: bool):
-        rf = req.response_format
-        if rf is None or rf.type == "text":
+    def _structured(self, req, in_reasoning: bool):
+        """The constraint a request asks for (chat's response_format, or vLLM's structured_outputs / guided_json /
+        guided_regex / guided_choice on either endpoint), as a function of "still reasoning" giving the logits
+        processors of one phase (engine/structured.py); None if it asks for none."""
+        spec, param = self._structured_spec(req)
+        if spec is None:
             return None
         if not self.client.supports_logits_processors:
-            raise APIError(400, "response_format is not supported by this engine (speculative decoding)",
-                           param="response_format")  # fmt: skip
-        from nemotron3.serve.structured import (
-            JSONLogitsProcessor,
-            compile_schema,
-            json_object_grammar,
-            vocab_index,
-        )
+            raise APIError(400, f"{param} is not supported by this engine (speculative decoding)", param=param)
+        from nemotron3.engine.structured import StructuredLogitsProcessor, build_automaton, vocab_index
 
-        if rf.type == "json_object":
-            grammar = json_object_grammar()
-        else:
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
-            try:
-                grammar = compile_schema(rf.json_schema.schema_)
-            except ValueError as e:
-                raise APIError(400, str(e), param="response_format.json_schema.schema") from None
+        self._need_tokenizer()
+        try:
+            spec.validate()
+            automaton = build_automaton(spec)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
         index = vocab_index(self.tokenizer, self.client.vocab_size)
         think_end = self.think.think_end_id
 
         def build(in_span: bool):
-            return [
-                JSONLogitsProcessor(grammar, index, self.client.eos_ids, active=not in_span, think_end_id=think_end)
-            ]
+            proc = StructuredLogitsProcessor(automaton, index, self.client.eos_ids, active=not in_span,
+                                             think_end_id=think_end)  # fmt: skip
+            return [proc]
 
         return build
+
+    @staticmethod
+    def _structured_spec(req) -> tuple[StructuredOutputsParams | None, str]:
+        """(the StructuredOutputsParams a request asks for, the field it came from); two different ones are a 400."""
+        asked = []
+        rf = getattr(req, "response_format", None)
+        if rf is not None and rf.type == "json_object":
+            asked.append((StructuredOutputsParams(json_object=True), "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            asked.append((StructuredOutputsParams(json=rf.json_schema.schema_), "response_format.json_schema.schema"))
+        if req.structured_outputs is not None:
+            try:
+                asked.append((StructuredOutputsParams.from_value(req.structured_outputs), "structured_outputs"))
+            except (ValueError, TypeError) as e:
+                raise APIError(400, str(e), param="structured_outputs") from None
+        extra = req.model_extra or {}
+        if extra.get("guided_grammar") is not None:
+            raise APIError(400, "guided_grammar (EBNF / Lark grammars) is not supported", param="guided_grammar")
+        for key, name in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if extra.get(key) is not None:
+                asked.append((StructuredOutputsParams(**{name: extra[key]}), key))
+        if len(asked) > 1:
+            raise APIError(400, f"{asked[0][1]} and {asked[1][1]} both constrain the output: send one",
+                           param=asked[1][1])  # fmt: skip
+        return asked[0] if asked else (None, "")
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
         name = self.check_model(req.model)
@@ -760,6 +781,7 @@ class _Server:
         scored = req.prompt_logprobs  # an echo with logprobs scores the echoed prompt, as OpenAI's legacy API does
         if req.echo and req.logprobs is not None:
             scored = max(req.logprobs, scored or 0)
+        processors = self._structured(req, in_reasoning=False)
         jobs, texts = [], []
         for p_index, (text, ids) in enumerate(prompts):
             max_tokens = self._max_tokens(req.max_tokens, len(ids), 16)
@@ -767,7 +789,7 @@ class _Server:
                 params = self._params(req, max_tokens, req.logprobs, i, scored)
                 first = p_index * req.n  # the prompt's first sample: the others copy its prefill, unless each scores
                 fork_of = first if i and scored is None else None
-                jobs.append(_Job(first + i, ids, params, ReasoningConfig(False), False, fork_of=fork_of))
+                jobs.append(_Job(first + i, ids, params, ReasoningConfig(False), False, processors, fork_of=fork_of))
                 texts.append(text)
         rid = new_id("cmpl")
         if req.stream:

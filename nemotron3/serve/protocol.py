@@ -102,6 +102,9 @@ class _SamplingFields(_Request):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: what leaves room)
+    # vLLM's: {"json": schema} | {"json_object": true} | {"regex": pattern} | {"choice": [...]}; the older
+    # guided_json / guided_regex / guided_choice fields are read from the request's extras
+    structured_outputs: dict[str, Any] | None = None
     user: str | None = None
 
 

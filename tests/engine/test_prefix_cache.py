@@ -48,7 +48,7 @@ def counting(engine: LLMEngine) -> list[int]:
 
 
 def caching_engine(model, **options) -> LLMEngine:
-    config = dict(enable_prefix_caching=True, block_size=4, max_num_batched_tokens=7, max_num_seqs=4)
+    config = {"enable_prefix_caching": True, "block_size": 4, "max_num_batched_tokens": 7, "max_num_seqs": 4}
     return LLMEngine(model, config=EngineConfig(**{**config, **options}))
 
 

@@ -445,3 +445,13 @@ def test_prompt_logprobs_equal_the_plain_engines(tiny, prompts, options):
             assert ge.keys() == we.keys()
             for t in ge:
                 assert ge[t].logprob == pytest.approx(we[t].logprob, abs=1e-5) and ge[t].rank == we[t].rank
+
+
+def test_prefix_caching_and_structured_outputs_are_refused(tiny):
+    """Both need what the drafter cannot give: cached blocks whose MTP K/V depend on the block's tokens alone, and
+    sampling through logits processors."""
+    with pytest.raises(ValueError, match="enable_prefix_caching is not supported by SpeculativeEngine"):
+        SpeculativeEngine(tiny, config=EngineConfig(enable_prefix_caching=True), speculative_config=spec(1))
+    engine = SpeculativeEngine(tiny, config=EngineConfig(), speculative_config=spec(1))
+    with pytest.raises(ValueError, match="structured_outputs is not supported by SpeculativeEngine"):
+        engine.add_request("r", [5, 6, 7], SamplingParams(structured_outputs={"choice": ["a"]}))

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from nemotron3.engine.reasoning import ReasoningConfig, split_reasoning
+from nemotron3.engine.structured import Automaton, compile_schema, json_object_grammar
 from nemotron3.serve.parsers import (
     ReasoningStreamParser,
     ToolCallStreamParser,
@@ -14,7 +15,6 @@ from nemotron3.serve.parsers import (
     parse_tool_calls,
     validate_tools,
 )
-from nemotron3.serve.structured import Automaton, compile_schema, json_object_grammar
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_structured_output_parses(real, fmt):
     """Every completion that ends by itself is valid JSON (an object; schema-valid for json_schema); one cut
     by max_tokens (a free json_object may ramble on) is still a prefix the grammar accepts. The schema's
     completions must finish."""
-    from nemotron3.serve.structured import Automaton, compile_schema, json_object_grammar
+    from nemotron3.engine.structured import Automaton, compile_schema, json_object_grammar
 
     _, url = real
     rf = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}} if fmt == "json_schema" else \
@@ -249,3 +250,32 @@ def test_tokenize_detokenize_and_version(real):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (bad, r.text)
     assert httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "a"}).status_code == 404
     assert httpx.get(url + "/version").json()["version"] not in ("", None)
+
+
+def test_vllm_structured_outputs_fields(real):
+    """vLLM's structured_outputs (both endpoints) and the older guided_* fields constrain the text; a chat with
+    thinking on is constrained after its reasoning."""
+    _, url = real
+    r = oc(url).completions.create(model="default", prompt="Phone:", max_tokens=20, temperature=1.0, seed=1, n=2,
+                                   extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}})  # fmt: skip
+    assert all(re.fullmatch(r"\d{3}-\d{4}", c.text) for c in r.choices), [c.text for c in r.choices]
+    r = oc(url).chat.completions.create(model="default", messages=HI, max_tokens=40, temperature=1.0, seed=2,
+                                        extra_body={"guided_choice": ["five", "six"], "thinking_budget": 4})  # fmt: skip
+    assert r.choices[0].message.content in ("five", "six")
+    r = oc(url).completions.create(model="default", prompt="Flag:", max_tokens=5, temperature=0,
+                                   extra_body={"guided_regex": "(on|off)"})  # fmt: skip
+    assert r.choices[0].text in ("on", "off")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"nope": 1}}, "structured_outputs"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex"),
+])  # fmt: skip
+def test_bad_structured_outputs_are_400(real, extra, param):
+    _, url = real
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

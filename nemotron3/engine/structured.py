@@ -1,9 +1,11 @@
-"""Structured output (response_format json_object / json_schema) by constrained decoding.
+"""Structured outputs by constrained decoding: JSON (a schema, or any object), a regex, or a choice of strings.
 
 A JSON Schema is compiled to a small grammar; a character-level, non-deterministic prefix automaton walks
-it; a trie of the tokenizer's vocabulary is searched with the automaton at every step so that only tokens
-that keep the output a valid prefix are allowed (`JSONLogitsProcessor`, plugged into the engine through
-`SamplingParams.logits_processors`). When the value is complete only end-of-sequence is allowed.
+it (a regex or a choice compiles to an NFA instead, engine/regex.py); a trie of the tokenizer's vocabulary is
+searched with the automaton at every step so that only tokens that keep the output a valid prefix are allowed
+(`StructuredLogitsProcessor`, plugged into the engine through `SamplingParams.logits_processors`; the engine
+builds one per sample from `SamplingParams.structured_outputs`, the server from `response_format` and vLLM's
+`structured_outputs` / `guided_*` fields). When the output is complete only end-of-sequence is allowed.
 
 What the grammar enforces:
 - compact JSON (no whitespace outside strings), valid string escapes (no \\u escapes), valid numbers;
@@ -24,6 +26,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from nemotron3.engine.regex import RegexAutomaton, regex_escape
 
 MAX_DEPTH = 6
 MAX_MEMBERS = 32
@@ -369,16 +373,35 @@ def vocab_index(tokenizer, vocab_size: int) -> VocabIndex:
     return _INDEX_CACHE[key]
 
 
-class JSONLogitsProcessor:
-    """Constrains one sequence's tokens to the grammar, then to end-of-sequence once the value is complete.
+def build_automaton(spec) -> Automaton | RegexAutomaton:
+    """The automaton for a StructuredOutputsParams (exactly one field set; sampling_params.py checks that):
+    a JSON Schema, any JSON object, a regex, or one of the given strings. Bad schemas and patterns are ValueErrors."""
+    if spec.json is not None:
+        schema = spec.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ValueError(f"json is not a valid JSON Schema document: {e}") from None
+        return Automaton(compile_schema(schema))
+    if spec.json_object:
+        return Automaton(json_object_grammar())
+    if spec.regex is not None:
+        return RegexAutomaton(spec.regex)
+    return RegexAutomaton("|".join(regex_escape(c) for c in spec.choice))
+
+
+class StructuredLogitsProcessor:
+    """Constrains one sequence's tokens to an automaton's language, then to end-of-sequence once it is complete.
 
     active=False: the sequence is still reasoning; the constraint starts after the `</think>` token.
     """
 
     def __init__(
-        self, grammar: Node, index: VocabIndex, eos_ids, *, active: bool = True, think_end_id: int | None = None
-    ) -> None:
-        self.automaton = Automaton(grammar)
+        self, automaton: Automaton | RegexAutomaton, index: VocabIndex, eos_ids, *, active: bool = True,
+        think_end_id: int | None = None,
+    ) -> None:  # fmt: skip
+        self.automaton = automaton
         self.index = index
         self.eos_ids = sorted(set(eos_ids))
         self.states = self.automaton.initial()

@@ -1,0 +1,63 @@
+"""engine/regex.py: the NFA accepts exactly what re.fullmatch accepts, and every state it keeps can still finish."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from nemotron3.engine.regex import RegexAutomaton
+
+PATTERNS = [
+    r"abc", r"a|bc|", r"(ab)*c", r"[a-c]+x?", r"\d{3}-\d{2,4}", r"[^a]b*", r".{2,3}", r"(a|b){0,3}c{1,}",
+    r"(?:ab|a)(?:bc|c)", r"x*?y+?", r"^[\w.]+@\w+\.(com|org)$", r"\s*\S+", r"[\]a-]+", r"a{2}b{,2}", r"\x41\u0042",
+    r"(?P<n>a+)b", r"[\d\s]+", r"a{", r"a{x}", r"colou?r", r"\.\*\+", r"(yes|no|maybe)", r"-?(0|[1-9]\d*)(\.\d+)?",
+]  # fmt: skip
+ALPHABET = "abcxy019-@._ \n]{}ACBwo*+rmesnlgu"  # every character the patterns need
+
+
+def walk(automaton: RegexAutomaton, rng: random.Random, max_len: int = 20) -> str | None:
+    """A random text the automaton accepts, built one character at a time through states it keeps alive."""
+    states, text = automaton.initial(), ""
+    for _ in range(max_len):
+        if automaton.can_finish(states) and rng.random() < 0.3:
+            return text
+        options = [c for c in ALPHABET if automaton.step(states, c)]
+        if not options:
+            assert automaton.can_finish(states), f"{automaton.pattern!r}: {text!r} is alive but cannot go on or end"
+            return text
+        c = rng.choice(options)
+        text, states = text + c, automaton.step(states, c)
+    return text if automaton.can_finish(states) else None
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_matches_what_re_fullmatch_matches(pattern):
+    rng = random.Random(pattern)
+    automaton, reference = RegexAutomaton(pattern), re.compile(pattern)
+    for _ in range(1500):  # random texts: mostly rejected by both
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 8)))
+        assert automaton.fullmatch(text) == (reference.fullmatch(text) is not None), text
+    walked = [walk(automaton, rng) for _ in range(200)]  # texts the automaton accepts: re must too
+    walked = [t for t in walked if t is not None]
+    assert walked and all(reference.fullmatch(t) for t in walked)
+
+
+def test_dead_prefixes_are_empty_state_sets():
+    automaton = RegexAutomaton(r"\d{3}-\d{4}")
+    states = automaton.feed(automaton.initial(), "12")
+    assert states and not automaton.can_finish(states)
+    assert not automaton.step(states, "x")
+    assert automaton.can_finish(automaton.feed(automaton.initial(), "123-4567"))
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (r"(?=a)", "lookaround"), (r"\1", "backreferences"), (r"\bx", "word boundaries"), (r"(?i)a", "inline flags"),
+    (r"a++", "possessive"), (r"*a", "nothing to repeat"), (r"[z-a]", "bad range"), (r"a{3,1}", "max < min"),
+    (r"(a", "missing ')'"), (r"a)", "unbalanced"), ("a\\", "backslash"), (r"x{5000}", "above 1000"),
+    (r"a$b", "anchor"), (r"[\D]", "negated class escape"), (r"[ab", "missing ']'"), (r"\q", "unknown escape"),
+])  # fmt: skip
+def test_unsupported_or_malformed_patterns_name_the_problem(pattern, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RegexAutomaton(pattern)
