@@ -37,13 +37,6 @@ import torch
 
 from nemotron3 import SamplingParams
 from nemotron3.bench import make_llm
-from nemotron3.model import NemotronHForCausalLM
-
-
-def build(name: str) -> NemotronHForCausalLM:
-    model = NemotronHForCausalLM(C.config(name))
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.eval()
 
 
 def counted(llm) -> list[int]:
@@ -135,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.model, args.prompt_lens, args.prompts, args.n, args.max_tokens, args.reps = "tiny50", [24], 2, 3, 4, 1
     torch.set_num_threads(args.threads)
-    model = build(args.model)
+    model = C.random_model(args.model)
     cells = []
     for n in args.prompt_lens:
         cells.append(cell(model, n, args))

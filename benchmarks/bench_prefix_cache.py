@@ -39,13 +39,6 @@ import common as C
 import torch
 
 from nemotron3 import LLM, SamplingParams
-from nemotron3.model import NemotronHForCausalLM
-
-
-def build(name: str) -> NemotronHForCausalLM:
-    model = NemotronHForCausalLM(C.config(name))
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.eval()
 
 
 def ask(llm: LLM, prompt: list[int], max_tokens: int) -> dict:
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.system_len, args.question_len, args.turn_len = "tiny50", 48, 8, 12
         args.requests, args.turns, args.max_tokens, args.reps = 3, 3, 4, 1
     torch.set_num_threads(args.threads)
-    model = build(args.model)
+    model = C.random_model(args.model)
     longest = args.system_len + args.turns * (args.max_tokens + args.turn_len) + args.question_len + 64
     engines = {caching: LLM(model, max_num_seqs=4, max_num_batched_tokens=args.budget, max_model_len=longest,
                             kv_cache_memory_bytes=1 << 30, enable_prefix_caching=caching)

@@ -95,6 +95,15 @@ def config(name: str) -> ModelConfig:
     return CONFIGS[name]()
 
 
+def random_model(name: str):
+    """Our model of a named config with random weights (init_weights, seed 0), in eval mode."""
+    from nemotron3.model import NemotronHForCausalLM
+
+    model = NemotronHForCausalLM(config(name))
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval()
+
+
 def hf_config(mc: ModelConfig):
     """transformers' NemotronHConfig with the same fields (sdpa attention, as perf.md §2)."""
     from transformers import NemotronHConfig

@@ -14,6 +14,7 @@ from nemotron3.engine.prefix_cache import PrefixCache
 from nemotron3.engine.runner import Segment
 from nemotron3.model import NemotronHForCausalLM
 from tests.engine.test_engine import CONFIG, hf_and_ours
+from tests.engine.test_parallel_sampling import counting
 from tests.engine.test_speculative import run
 
 NEW = 12
@@ -33,18 +34,6 @@ def reference(hf, prompt: list[int], new: int = NEW) -> list[int]:
 
 def tokens(n: int, seed: int) -> list[int]:
     return torch.randint(3, CONFIG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def counting(engine: LLMEngine) -> list[int]:
-    """Prompt tokens the runner is fed per step (decode rows not counted)."""
-    fed, step = [], engine.runner.step
-
-    def counting_step(segments):
-        fed.append(sum(len(s.tokens) for s in segments if not s.decode))
-        return step(segments)
-
-    engine.runner.step = counting_step
-    return fed
 
 
 def caching_engine(model, **options) -> LLMEngine:
