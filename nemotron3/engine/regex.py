@@ -288,17 +288,46 @@ def _build(nfa: _NFA, node) -> tuple[int, int]:
     return s, end
 
 
-class RegexAutomaton:
+class MemoAutomaton:
+    """The walk shared by the constrained-decoding automata: `step` memoises the subclass's `_advance` (the state
+    set after one character; empty = dead end), `feed` steps through a text. Subclasses give initial, _advance and
+    can_finish."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[frozenset, str], frozenset] = {}
+
+    def _advance(self, states: frozenset, c: str) -> frozenset:
+        raise NotImplementedError
+
+    def step(self, states: frozenset, c: str) -> frozenset:
+        key = (states, c)
+        nxt = self._memo.get(key)
+        if nxt is None:
+            nxt = self._advance(states, c)
+            if len(self._memo) > 200_000:
+                self._memo.clear()
+            self._memo[key] = nxt
+        return nxt
+
+    def feed(self, states: frozenset, text: str) -> frozenset:
+        for c in text:
+            states = self.step(states, c)
+            if not states:
+                break
+        return states
+
+
+class RegexAutomaton(MemoAutomaton):
     """A compiled pattern with the automaton interface of engine/structured.py (initial, step, feed, can_finish):
     states are frozensets of NFA states, closed under empty moves; an empty set is a dead end."""
 
     def __init__(self, pattern: str) -> None:
+        super().__init__()
         if not isinstance(pattern, str):
             raise ValueError(f"regex must be a string, got {type(pattern).__name__}")  # noqa: TRY004 - API contract
         self.pattern = pattern
         self._nfa = nfa = _NFA()
         self._start, self._accept = _build(nfa, _Parser(pattern).parse())
-        self._memo: dict[tuple[frozenset, str], frozenset] = {}
 
     def _closure(self, states) -> frozenset:
         seen, todo = set(states), list(states)
@@ -312,22 +341,8 @@ class RegexAutomaton:
     def initial(self) -> frozenset:
         return self._closure([self._start])
 
-    def step(self, states: frozenset, c: str) -> frozenset:
-        key = (states, c)
-        nxt = self._memo.get(key)
-        if nxt is None:
-            nxt = self._closure([t for s in states for chars, t in self._nfa.edges[s] if c in chars])
-            if len(self._memo) > 200_000:
-                self._memo.clear()
-            self._memo[key] = nxt
-        return nxt
-
-    def feed(self, states: frozenset, text: str) -> frozenset:
-        for c in text:
-            states = self.step(states, c)
-            if not states:
-                break
-        return states
+    def _advance(self, states: frozenset, c: str) -> frozenset:
+        return self._closure([t for s in states for chars, t in self._nfa.edges[s] if c in chars])
 
     def can_finish(self, states: frozenset) -> bool:
         return self._accept in states

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemotron3.engine.regex import RegexAutomaton, regex_escape
+from nemotron3.engine.regex import MemoAutomaton, RegexAutomaton, regex_escape
 
 MAX_DEPTH = 6
 MAX_MEMBERS = 32
@@ -291,32 +291,18 @@ def _expand(rest: tuple, node: Node, c: str) -> list[tuple]:
     raise AssertionError(kind)
 
 
-class Automaton:
+class Automaton(MemoAutomaton):
     """Sets of stacks, with memoised transitions."""
 
     def __init__(self, root: Node) -> None:
+        super().__init__()
         self.root = root
-        self._memo: dict[tuple[frozenset, str], frozenset] = {}
 
     def initial(self) -> frozenset:
         return frozenset([(("V", self.root),)])
 
-    def step(self, states: frozenset, c: str) -> frozenset:
-        key = (states, c)
-        nxt = self._memo.get(key)
-        if nxt is None:
-            nxt = frozenset(s for st in states for s in _step(st, c))
-            if len(self._memo) > 200_000:
-                self._memo.clear()
-            self._memo[key] = nxt
-        return nxt
-
-    def feed(self, states: frozenset, text: str) -> frozenset:
-        for c in text:
-            states = self.step(states, c)
-            if not states:
-                break
-        return states
+    def _advance(self, states: frozenset, c: str) -> frozenset:
+        return frozenset(s for st in states for s in _step(st, c))
 
     @staticmethod
     def can_finish(states: frozenset) -> bool:
