@@ -196,15 +196,13 @@ class LLMEngine:
             raise ValueError(f"SamplingParams.structured_outputs is not supported by {type(self).__name__}")
         if self.tokenizer is None:
             raise ValueError("SamplingParams.structured_outputs needs a tokenizer (constraints are on text)")
-        from nemotron3.engine.structured import StructuredLogitsProcessor, build_automaton, vocab_index
+        from nemotron3.engine.structured import processor_factory
 
-        automaton = build_automaton(spec)  # shared by the samples: it holds no per-sample state
-        index = vocab_index(self.tokenizer, self.model.config.vocab_size)
+        make = processor_factory(spec, self.tokenizer, self.model.config.vocab_size, self.eos_ids)
 
         def constrained() -> SamplingParams:
-            proc = StructuredLogitsProcessor(automaton, index, self.eos_ids)
             return dataclasses.replace(params, n=1, structured_outputs=None,
-                                       logits_processors=[*params.logits_processors, proc])  # fmt: skip
+                                       logits_processors=[*params.logits_processors, make()])  # fmt: skip
 
         return constrained
 

@@ -18,6 +18,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     json_object: bool | None = None
     grammar: str | None = None
+    _automaton: Any = field(default=None, init=False, repr=False, compare=False)  # compiled once (automaton())
 
     @classmethod
     def from_value(cls, value: Any) -> StructuredOutputsParams:
@@ -28,7 +29,7 @@ class StructuredOutputsParams:
             raise ValueError(  # noqa: TRY004 - the API's contract: bad sampling parameters are ValueErrors
                 f"structured_outputs must be a dict such as {{'regex': '...'}}, got {type(value).__name__}"
             )
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"structured_outputs: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -53,12 +54,18 @@ class StructuredOutputsParams:
             raise ValueError(
                 f"structured_outputs.choice must be a non-empty list of non-empty strings, got {self.choice!r}"
             )
-        from nemotron3.engine.structured import build_automaton
-
         try:
-            build_automaton(self)
+            self.automaton()
         except ValueError as e:
             raise ValueError(f"structured_outputs.{name}: {e}") from None
+
+    def automaton(self):
+        """The compiled constraint (engine/structured.py build_automaton), built on first use and then reused."""
+        if self._automaton is None:
+            from nemotron3.engine.structured import build_automaton
+
+            self._automaton = build_automaton(self)
+        return self._automaton
 
 
 @dataclass

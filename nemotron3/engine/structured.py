@@ -377,6 +377,19 @@ def build_automaton(spec) -> Automaton | RegexAutomaton:
     return RegexAutomaton("|".join(regex_escape(c) for c in spec.choice))
 
 
+def processor_factory(spec, tokenizer, vocab_size: int, eos_ids, think_end_id: int | None = None):
+    """For a StructuredOutputsParams: a function `make(in_span=False)` giving one sample a fresh processor (inactive
+    while the sample is still reasoning, until `</think>`). The spec's automaton, compiled once, and the vocabulary
+    index are shared: neither holds per-sample state. The engine and the server both build constraints here."""
+    automaton = spec.automaton()
+    index = vocab_index(tokenizer, vocab_size)
+
+    def make(in_span: bool = False) -> StructuredLogitsProcessor:
+        return StructuredLogitsProcessor(automaton, index, eos_ids, active=not in_span, think_end_id=think_end_id)
+
+    return make
+
+
 class StructuredLogitsProcessor:
     """Constrains one sequence's tokens to an automaton's language, then to end-of-sequence once it is complete.
 

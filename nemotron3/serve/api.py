@@ -415,23 +415,16 @@ class _Server:
             return None
         if not self.client.supports_logits_processors:
             raise APIError(400, f"{param} is not supported by this engine (speculative decoding)", param=param)
-        from nemotron3.engine.structured import StructuredLogitsProcessor, build_automaton, vocab_index
+        from nemotron3.engine.structured import processor_factory
 
         self._need_tokenizer()
         try:
-            spec.validate()
-            automaton = build_automaton(spec)
+            spec.validate()  # compiles the spec's automaton, which the factory reuses
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
-        index = vocab_index(self.tokenizer, self.client.vocab_size)
-        think_end = self.think.think_end_id
-
-        def build(in_span: bool):
-            proc = StructuredLogitsProcessor(automaton, index, self.client.eos_ids, active=not in_span,
-                                             think_end_id=think_end)  # fmt: skip
-            return [proc]
-
-        return build
+        make = processor_factory(spec, self.tokenizer, self.client.vocab_size, self.client.eos_ids,
+                                 self.think.think_end_id)  # fmt: skip
+        return lambda in_span: [make(in_span)]
 
     @staticmethod
     def _structured_spec(req) -> tuple[StructuredOutputsParams | None, str]:
