@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({c['speedup']:.2f}×); prompt tokens fed {fed}; same tokens: {same}", flush=True)  # fmt: skip
     result = {"model": args.model, "threads": args.threads, "budget": args.budget, "cells": cells,
               "machine": C.machine_info()}  # fmt: skip
-    out = Path(args.out)
-    C.write_json(out.with_suffix(".json"), result)
-    plot(result, out.with_suffix(".png"))
-    return result
+    return C.write_results(args.out, result, plot)
 
 
 if __name__ == "__main__":

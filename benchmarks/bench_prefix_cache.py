@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"→ {res['wall_on_s']:.2f} s ({res['wall_speedup']:.2f}×); same tokens: {res['tokens_identical']}; "
               + ", ".join(f"{r['prompt_tokens']}/{r['cached_tokens']} {1e3 * r['ttft_off_s']:.0f}→"
                           f"{1e3 * r['ttft_on_s']:.0f} ms" for r in res["requests"]), flush=True)  # fmt: skip
-    out = Path(args.out)
-    C.write_json(out.with_suffix(".json"), result)
-    plot(result, out.with_suffix(".png"))
-    return result
+    return C.write_results(args.out, result, plot)
 
 
 if __name__ == "__main__":

@@ -455,6 +455,14 @@ def fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def write_results(out: str | Path, result: dict, plot) -> dict:
+    """Write `result` to <out>.json and plot(result, <out>.png) (out: a path without suffix); returns result."""
+    out = Path(out)
+    write_json(out.with_suffix(".json"), result)
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")

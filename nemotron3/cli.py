@@ -264,6 +264,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", type=int, default=None, help="each generated token's logprob (and top K, with --json)")
     p.add_argument("--prompt-logprobs", type=int, default=None,
                    help="score the prompt: each prompt token's logprob (and top K, with --json), their sum, perplexity")
+    p.add_argument("--beam-width", type=int, default=None,
+                   help="beam search: print the K most likely continuations of each prompt, best first")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="with --beam-width: rank by cumulative logprob / length ** this")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_engine_flags(p)
     _add_prefix_caching_flag(p, default=False)
@@ -273,18 +277,14 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from nemotron3 import LLM, SamplingParams
+    from nemotron3 import LLM
 
     try:
         if args.prompt_ids:
             prompts = [{"prompt_token_ids": [int(t) for t in ids.split(",")]} for ids in args.prompt_ids]
         else:
             prompts = args.prompt
-        params = SamplingParams(
-            n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
-            logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
-        )  # fmt: skip
+        params = _generate_params(args)
         llm = LLM(
             args.model, dtype=args.dtype, weight_dtype=args.weight_dtype, kv_cache_dtype=args.kv_cache_dtype,
             enforce_eager=args.enforce_eager, matmul_precision=args.matmul_precision,
@@ -329,6 +329,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if c.logprobs is not None:
                     print(f"  logprob {c.cumulative_logprob:.4f} over {len(c.token_ids)} tokens")
     return EXIT_OK
+
+
+def _generate_params(args: argparse.Namespace):
+    """SamplingParams from the generate flags, or BeamSearchParams with --beam-width (which refuses the flags that
+    only shape sampling)."""
+    from nemotron3 import BeamSearchParams, SamplingParams
+
+    if args.beam_width is None:
+        return SamplingParams(
+            n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+        )  # fmt: skip
+    sampling_only = {"--stream": args.stream, "--stop": args.stop, "--prompt-logprobs": args.prompt_logprobs is not None,
+                     "-n": args.n != 1, "--top-p": args.top_p != 1.0, "--top-k": args.top_k > 0,
+                     "--min-p": args.min_p > 0}  # fmt: skip
+    refused = [flag for flag, given in sampling_only.items() if given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: not with --beam-width (beam search returns --beam-width beams)")
+    return BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+                            temperature=args.temperature, length_penalty=args.length_penalty)  # fmt: skip
 
 
 def _prompt_score(ids: list[int], entries: list | None) -> dict | None:

@@ -75,3 +75,22 @@ def test_cli_scores_a_prompt_as_the_engine_does(capsys) -> None:
     assert "perplexity" in capsys.readouterr().out
     assert main(["generate", "--prompt", "KING.", "--prompt-logprobs", "-1"]) == 2  # a usage error naming it
     assert "prompt_logprobs" in capsys.readouterr().err
+
+
+def test_cli_beam_search_prints_the_beams_best_first(capsys) -> None:
+    """`generate --beam-width K --json`: K lines, the engine's beams in order; sampling-only flags are refused."""
+    import json
+
+    from nemotron3 import BeamSearchParams
+
+    argv = ["generate", "--prompt", "KING.", "--max-tokens", "5", "--beam-width", "3", "--json"]
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    llm = LLM("default")
+    (want,) = llm.beam_search("KING.", BeamSearchParams(beam_width=3, max_tokens=5))
+    n_prompt = len(llm.get_tokenizer().encode("KING."))
+    assert [x["token_ids"] for x in lines] == [s.tokens[n_prompt:] for s in want.sequences]
+    assert [x["index"] for x in lines] == [0, 1, 2]
+    assert [x["cumulative_logprob"] for x in lines] == [s.cum_logprob for s in want.sequences]
+    assert main([*argv, "--stop", "\n", "-n", "2"]) == 2
+    assert "--stop, -n: not with --beam-width" in capsys.readouterr().err

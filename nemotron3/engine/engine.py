@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nemotron3.engine.beam_search import BeamGroup, BeamSearchParams, Hypothesis, select, step_logprobs
 from nemotron3.engine.cache import CacheConfig, HybridCache
 from nemotron3.engine.detokenizer import IncrementalDetokenizer
 from nemotron3.engine.gc_heap import freeze_gc_heap
@@ -80,6 +81,7 @@ class _Request:
     prompt_logprobs: list | None = None  # [None, entry for prompt token 1, ...] as far as computed
     bad_words: list[list[int]] = field(default_factory=list)  # token sequences of SamplingParams.bad_words
     parked: list[Sequence] = field(default_factory=list)  # samples 1 … n-1 until sample 0 has the prompt (_fork)
+    beam: BeamGroup | None = None  # a beam-search request: `seqs` are its live beams
 
 
 class LLMEngine:
@@ -90,6 +92,7 @@ class LLMEngine:
     # beyond the cache (speculative.py) cannot
     caches_prefixes = True
     applies_logits_processors = True  # SamplingParams.logits_processors / structured_outputs (not speculative.py)
+    supports_beam_search = True  # BeamSearchParams requests (not speculative.py: its step samples every sequence)
 
     def __init__(
         self,
@@ -138,14 +141,17 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        self._beam_requests: set[str] = set()  # unfinished beam-search requests (the step looks for beams only then)
         freeze_gc_heap()  # the objects alive now never become garbage: out of the collector's walks (gc_heap.py)
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | None = None,
+        self, request_id: str, prompt: str | dict | list[int], params: SamplingParams | BeamSearchParams | None = None,
         fork_of: str | None = None,
     ) -> None:  # fmt: skip
         """Validate and queue a request. Prompts: text, a list of token ids, or {"prompt_token_ids": [...]}.
+        BeamSearchParams make it a beam search (engine/beam_search.py): its output, once finished, holds the
+        beam_width best sequences, best first.
 
         fork_of: the id of a request with the same prompt (a server's n samples arrive as n requests): while that
         request's first sample has not finished the prompt, this one waits and then starts from a copy of its
@@ -154,14 +160,14 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
+        if isinstance(params, BeamSearchParams):
+            self._add_beam_request(request_id, text, ids, params)
+            return
         ids = params.truncated(ids, self.max_model_len)
         self._check_token_ids(params)
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer; use stop_token_ids instead")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
-            )
+        self._check_length(ids)
         req = _Request(request_id, text, ids, params, [], RequestMetrics(arrival_time=time.time()))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
@@ -185,6 +191,38 @@ class LLMEngine:
             else:
                 self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    def _check_length(self, ids: list[int]) -> None:
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
+            )
+
+    def _add_beam_request(self, request_id: str, text: str | None, ids: list[int], params: BeamSearchParams) -> None:
+        """Queue a beam search: one sequence for the prompt; its beams fork from it (_beam_select). Refused where
+        its beam_width beams at full length could never be in the cache together (they step together)."""
+        if not self.supports_beam_search:
+            raise ValueError(f"beam search is not supported by {type(self).__name__}")
+        self._check_length(ids)
+        k = params.beam_width
+        if k > self.config.max_num_seqs:
+            raise ValueError(
+                f"BeamSearchParams.beam_width {k} is more than max_num_seqs {self.config.max_num_seqs}: every beam "
+                "is a running sequence"
+            )
+        max_new = min(params.max_tokens, self.max_model_len - len(ids))
+        need = k * self.cache.blocks_needed(None, len(ids) + max_new)
+        if need > self.cache.num_blocks:
+            raise ValueError(
+                f"BeamSearchParams: {k} beams of {len(ids) + max_new} tokens need {need} K/V blocks but the cache holds "
+                f"{self.cache.num_blocks}: lower beam_width or max_tokens, or raise kv_cache_memory_bytes"
+            )
+        group = BeamGroup(params, max_new)
+        sp = SamplingParams(temperature=params.temperature, max_tokens=max_new, ignore_eos=params.ignore_eos)
+        seq = Sequence(next(self._seq_ids), request_id, 0, ids, sp, next(self._arrivals), beam=group)
+        self.requests[request_id] = _Request(request_id, text, ids, sp, [seq], RequestMetrics(time.time()), beam=group)
+        self._beam_requests.add(request_id)
+        self.scheduler.add(seq)
 
     def _structured_outputs(self, params: SamplingParams):
         """For SamplingParams.structured_outputs: a function giving each sample its own params, with a fresh
@@ -253,6 +291,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self._beam_requests.discard(request_id)
         for seq in req.seqs:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"
@@ -311,6 +350,8 @@ class LLMEngine:
         if finished:
             logits = self._fork(sampled, logits)
         changed: dict[str, _Request] = {}
+        if sampled and self._beam_requests:
+            sampled, logits = self._beam_step(sampled, logits, changed)
         if sampled:
             self._sample_and_append(sampled, logits)
             for seq in sampled:
@@ -406,6 +447,94 @@ class LLMEngine:
                 source.append(source[k - 1])
             req.parked = []
         return logits[source] if len(source) > logits.shape[0] else logits
+
+    # ------------------------------------------------------------------ beam search (engine/beam_search.py)
+    def _beam_step(self, sampled: list[Sequence], logits: torch.Tensor, changed: dict) -> tuple[list, torch.Tensor]:
+        """Give the beams among this step's sampled sequences their candidates, step each group whose live beams
+        all have them (finished requests join `changed`); return the other sequences and their logits rows."""
+        rows = [i for i, s in enumerate(sampled) if s.beam is not None]
+        if not rows:
+            return sampled, logits
+        beams = [sampled[i] for i in rows]
+        counts = [s.beam.num_candidates(self.eos_ids) for s in beams]
+        values, ids = step_logprobs(logits[rows], [s.beam.params.temperature for s in beams], max(counts))
+        for s, n, v, t in zip(beams, counts, values, ids):
+            s.candidates = (v[:n], t[:n])
+        for rid in dict.fromkeys(s.request_id for s in beams):
+            req = self.requests[rid]
+            if all(s.candidates is not None for s in req.seqs):
+                self._beam_select(req)
+                if not req.seqs:
+                    changed[rid] = req
+        keep = [i for i, s in enumerate(sampled) if s.beam is None]
+        return [sampled[i] for i in keep], logits[keep]
+
+    def _beam_select(self, req: _Request) -> None:
+        """One step of a beam group: select the next beams (beam_search.select), close the beams no child kept,
+        extend the kept ones (a second child of a beam forks its cache), retire beams at their length limit, and
+        stop early once no live beam can reach the best beam_width finished hypotheses."""
+        group, live = req.beam, req.seqs
+        if group.num_cached_tokens is None:
+            group.num_cached_tokens = live[0].num_cached_tokens or 0
+        kids: list[list] = [[] for _ in live]
+        for child in select(group, live, self.eos_ids):
+            kids[child.parent].append(child)
+        for s, mine in zip(live, kids):
+            s.candidates = None
+            if not mine:
+                self.scheduler.finish(s)  # first, so that its slot and blocks can take the forks
+        extended = []
+        for s, mine in zip(live, kids):
+            for seq, child in zip([s] + [self._beam_fork(s) for _ in mine[1:]], mine):
+                seq.output_ids.append(child.token)
+                seq.cumulative_logprob = child.cum_logprob
+                seq.logprobs.append(child.entry)
+                extended.append(seq)
+        req.seqs = []
+        for seq in extended:
+            if len(seq.output_ids) >= group.max_new:
+                group.finished.append(Hypothesis(seq.output_ids, seq.cumulative_logprob, seq.logprobs, "length"))
+                self.scheduler.finish(seq)
+            else:
+                req.seqs.append(seq)
+        if req.seqs and len(group.finished) >= group.width:
+            bar = group.score(group.ranked(group.finished)[group.width - 1])
+            if all(group.best_possible(s.cumulative_logprob, len(s.output_ids)) < bar for s in req.seqs):
+                for s in req.seqs:
+                    self.scheduler.finish(s)
+                req.seqs = []
+        if not req.seqs:
+            self._beam_requests.discard(req.request_id)
+
+    def _beam_fork(self, parent: Sequence) -> Sequence:
+        """A new beam continuing `parent`: a copy of its cache where a slot and blocks are free, else queued to
+        recompute its tokens."""
+        child = Sequence(next(self._seq_ids), parent.request_id, parent.index, parent.prompt_ids, parent.params,
+                         parent.arrival, output_ids=list(parent.output_ids), beam=parent.beam,
+                         cumulative_logprob=parent.cumulative_logprob, logprobs=list(parent.logprobs))  # fmt: skip
+        room = len(self.scheduler.running) < self.config.max_num_seqs
+        if parent.cache is not None and room and self.cache.can_fork(parent.cache):
+            child.cache = self.cache.fork(parent.cache)
+            child.status = Status.RUNNING
+            self.scheduler.running.append(child)
+        else:
+            self.scheduler.requeue(child)
+        return child
+
+    def _beam_output(self, req: _Request) -> RequestOutput:
+        """The finished hypotheses and the live beams (an aborted request's), best beam_width first."""
+        group = req.beam
+        hyps = group.ranked(group.finished + [
+            Hypothesis(s.output_ids, s.cumulative_logprob, s.logprobs, s.finish_reason or "abort") for s in req.seqs
+        ])  # fmt: skip
+        outs = []
+        for i, h in enumerate(hyps[: group.width]):
+            text = self.tokenizer.decode(h.output_ids) if self.tokenizer else ""
+            outs.append(CompletionOutput(i, text, list(h.output_ids), h.cum_logprob, list(h.logprobs), h.finish_reason,
+                                         h.stop_reason))  # fmt: skip
+        finished = all(s.status is Status.FINISHED for s in req.seqs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics,
+                             num_cached_tokens=group.num_cached_tokens or 0)  # fmt: skip
 
     @staticmethod
     def _scores_prompt(req: _Request, seq: Sequence, start: int, n: int) -> bool:
@@ -528,6 +657,8 @@ class LLMEngine:
         s.status = Status.FINISHED
 
     def _output(self, req: _Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         outs = [
             CompletionOutput(
                 index=s.index,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
+from nemotron3.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from nemotron3.engine.engine import EngineConfig, LLMEngine
 from nemotron3.engine.outputs import CompletionOutput, RequestOutput
 from nemotron3.engine.sampling_params import SamplingParams
@@ -91,19 +92,46 @@ class LLM:
     def generate(
         self,
         prompts: str | dict | list,
-        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        sampling_params: SamplingParams | BeamSearchParams | list | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order.
 
         prompts: a string, {"prompt_token_ids": [...]}, or a list of either (a list of ints alone is
-        one tokenized prompt, as vLLM's TokensPrompt).
+        one tokenized prompt, as vLLM's TokensPrompt). BeamSearchParams run a beam search whose beams are the
+        prompt's outputs, best first (beam_search returns them in vLLM's BeamSearchOutput form instead).
         """
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+        return self._run(prompts, params, use_tqdm, "generating")
+
+    def beam_search(
+        self, prompts: str | dict | list, params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: for each prompt, the params.beam_width most likely continuations (by cumulative
+        logprob / length ** length_penalty), best first. `tokens` and `text` of each sequence hold the prompt and
+        the continuation. The beams of all prompts decode together, batched like any requests; prompts as in
+        generate. See engine/beam_search.py."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        prompts = _prompt_list(prompts)
+        tok = self.get_tokenizer()
+        results = []
+        for out in self._run(prompts, [params] * len(prompts), use_tqdm, "beam search"):
+            sequences = []
+            for c in out.outputs:
+                tokens = out.prompt_token_ids + c.token_ids
+                text = tok.decode(tokens) if tok is not None else None
+                sequences.append(BeamSearchSequence(tokens, c.logprobs, c.cumulative_logprob, text, c.finish_reason,
+                                                    c.stop_reason))  # fmt: skip
+            results.append(BeamSearchOutput(sequences))
+        return results
+
+    def _run(self, prompts: list, params: list, use_tqdm: bool, what: str) -> list[RequestOutput]:
+        """Queue every prompt with its params and step the engine until all finish; outputs in prompt order. A
+        prompt the engine refuses aborts the ones queued before it."""
         ids = []
         try:
             for prompt, p in zip(prompts, params):
@@ -116,7 +144,7 @@ class LLM:
             raise
         final: dict[str, RequestOutput] = {}
         with Progress(disable=not use_tqdm, transient=True) as bar:
-            task = bar.add_task("generating", total=len(ids))
+            task = bar.add_task(what, total=len(ids))
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
@@ -177,6 +205,14 @@ class LLM:
         finally:
             if not finished:
                 self.engine.abort(rid)
+
+
+def _prompt_list(prompts: str | dict | list) -> list:
+    """generate's prompt forms as a list: a string, a dict or a list of ints alone is one prompt (vLLM's
+    TextPrompt / TokensPrompt)."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:

@@ -119,6 +119,14 @@ class Piece:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (RequestOutput.num_cached_tokens)
 
 
+def count_reasoning_tokens(ids: list[int], in_reasoning: bool, think_end_id: int | None) -> int:
+    """Tokens of a finished reply inside its reasoning span (the closing tag counted), as the streaming budget
+    counts them."""
+    counter = _Counter(in_reasoning)
+    counter.take(ids, None, think_end_id)
+    return counter.reasoning_tokens
+
+
 @dataclass
 class _Counter:
     in_reasoning: bool

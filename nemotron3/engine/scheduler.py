@@ -4,8 +4,8 @@ Policy (as vLLM v1): running sequences first, oldest first; each decode takes on
 unfinished prefill a chunk, all under a per-step token budget; then waiting sequences are admitted
 oldest first while a state slot, K/V blocks and budget remain. When the block pool runs dry the
 newest running sequence is preempted: its slot and blocks go back to the pools and it re-enters the
-front of the queue to be recomputed (prompt + generated tokens) later. The oldest request always
-makes progress, so none starves.
+queue, ahead of every newer request, to be recomputed (prompt + generated tokens) later. The oldest
+request always makes progress, so none starves.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -51,6 +52,9 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     branch_point: int = 0  # prefix caching: where this sequence leaves the cached blocks, past its resume point
     num_spec: int = 0  # draft tokens to verify with the next decode (speculative decoding; 0 = plain decode)
+    beam: Any = None  # a beam of this BeamGroup (engine/beam_search.py), or None
+    # a beam's next-token logprobs and ids (beam_search.step_logprobs), held until every beam of its group has them
+    candidates: tuple[list[float], list[int]] | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -135,6 +139,12 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
 
+    def requeue(self, seq: Sequence) -> None:
+        """Queue a sequence to (re)compute behind the waiting ones that arrived no later: the queue stays oldest
+        first, so a preempted sequence goes ahead of every newer request."""
+        at = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
+        self.waiting.insert(at, seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.cache.close(seq.cache)
         seq.cache = None
@@ -142,7 +152,7 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.num_spec = 0
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        self.requeue(seq)
 
     def _room(self, seq: Sequence) -> int:
         """Tokens the sequence could add with the blocks it has plus all free blocks."""
@@ -158,8 +168,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         self.running.sort(key=lambda s: s.arrival)
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or budget == 0:
-                continue
+            if seq.status is not Status.RUNNING or budget == 0 or not seq.num_pending:
+                continue  # (nothing pending: a beam waiting for the rest of its group)
             if seq.is_decode:  # a decode feeds its last token plus any drafts, within the budget
                 seq.num_spec = max(0, min(seq.num_spec, budget - 1, self._room(seq) - 1))  # drafts never preempt
                 want = 1 + seq.num_spec
@@ -181,7 +191,25 @@ class Scheduler:
                 decodes.append(seq)
             else:
                 prefills.append((seq, want))
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        if not preempted:
+            budget = self._admit(budget, decodes, prefills)
+        while not (decodes or prefills) and self.waiting:
+            # every running sequence is a beam waiting for the rest of its group (engine/beam_search.py), and the
+            # queue's head does not fit: the newest such beam makes room (it recomputes later). The head is no newer
+            # than any waiting group, so this ends with the head admitted.
+            held = [s for s in self.running if not s.num_pending]
+            if not held:
+                break
+            self._preempt(held[-1])
+            preempted.append(held[-1])
+            budget = self._admit(budget, decodes, prefills)
+        decodes.sort(key=lambda s: s.cache.slot)
+        return Scheduled(decodes, prefills, preempted)
+
+    def _admit(self, budget: int, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> int:
+        """Admit waiting sequences, oldest first, while a state slot, K/V blocks and budget remain; returns the
+        budget left."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not len(self.cache.free_slots):
                 break
@@ -206,8 +234,7 @@ class Scheduler:
             self.running.append(seq)
             budget -= want
             prefills.append((seq, want))
-        decodes.sort(key=lambda s: s.cache.slot)
-        return Scheduled(decodes, prefills, preempted)
+        return budget
 
     def _cached_prefix(self, seq: Sequence) -> tuple[list, int]:
         """PrefixCache.match for a waiting sequence: the nodes it resumes after, and the cached depth in blocks

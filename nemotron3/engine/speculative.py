@@ -312,6 +312,7 @@ class SpeculativeEngine(LLMEngine):
     fork_samples = False  # the MTP state of a sequence (_SpecState) is not in the cache a fork copies
     caches_prefixes = False  # the drafter's per-sequence state is not in the cache
     applies_logits_processors = False  # verification samples from the target's own distributions
+    supports_beam_search = False  # its step drafts and verifies every sequence; beams need the plain step
 
     def __init__(
         self,

@@ -29,13 +29,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nemotron3.engine.beam_search import BeamSearchParams
 from nemotron3.engine.reasoning import (
     ReasoningConfig,
     ThinkTokens,
+    count_reasoning_tokens,
     prompt_opens_thinking,
     stream_with_budget,
 )
 from nemotron3.engine.sampling_params import SamplingParams, StructuredOutputsParams, truncate_prompt
+from nemotron3.serve.beam_search import beam_search_params
 from nemotron3.serve.metrics import Metrics
 from nemotron3.serve.parsers import (
     ReasoningStreamParser,
@@ -254,7 +257,7 @@ class _Job:
 
     index: int
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     reasoning: ReasoningConfig
     in_reasoning: bool
     processors: object = None
@@ -461,16 +464,23 @@ class _Server:
         in_reasoning = reasoning.enabled and prompt_opens_thinking(prompt)
         processors = self._structured(req, in_reasoning)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        jobs = []  # the first sample prefills (and scores, for prompt_logprobs); the others copy its cache
-        for i in range(req.n):
-            params = self._params(req, max_tokens, logprobs, i, None if i else req.prompt_logprobs)
-            jobs.append(_Job(i, prompt_ids, params, reasoning, in_reasoning, processors, fork_of=0 if i else None))
         rid = new_id("chatcmpl")
+        if req.use_beam_search:
+            if reasoning.budget is not None:
+                raise APIError(400, "a thinking budget is not supported with use_beam_search", param="thinking_budget")
+            params = beam_search_params(req, max_tokens, processors is not None)
+            jobs = await self._beam_jobs([prompt_ids], [params], rid, request, reasoning, in_reasoning)
+        else:
+            jobs = []  # the first sample prefills (and scores, for prompt_logprobs); the others copy its cache
+            for i in range(req.n):
+                params = self._params(req, max_tokens, logprobs, i, None if i else req.prompt_logprobs)
+                jobs.append(_Job(i, prompt_ids, params, reasoning, in_reasoning, processors, fork_of=0 if i else None))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._chat_stream(rid, name, jobs, tools, include_usage, logprobs)
             return StreamingResponse(gen, media_type="text/event-stream")
-        await self._run_all(jobs, rid, request, "/v1/chat/completions")
+        if not req.use_beam_search:
+            await self._run_all(jobs, rid, request, "/v1/chat/completions")
         choices = []
         for job in jobs:
             text = "".join(job.text)
@@ -531,6 +541,11 @@ class _Server:
 
         async with self._together():
             task = asyncio.ensure_future(asyncio.gather(*(drain(j) for j in jobs)))
+        await self._until_done(task, request)
+        self._account(jobs, start, first[0] if first else None)
+
+    async def _until_done(self, task: asyncio.Future, request: Request):
+        """Await the task; cancel it with a 499 if the client goes away. ValueError from the engine → 400."""
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.cfg.disconnect_poll_s)
@@ -540,13 +555,42 @@ class _Server:
                     task.cancel()
                     self.metrics.aborted += 1
                     raise APIError(499, "client disconnected")
-            task.result()
+            return task.result()
         except ValueError as e:
             raise APIError(400, str(e)) from None
         finally:
             if not task.done():
                 task.cancel()
-        self._account(jobs, start, first[0] if first else None)
+
+    async def _beam_jobs(
+        self, prompts: list[list[int]], params: list[BeamSearchParams], rid: str, request: Request,
+        reasoning: ReasoningConfig, in_reasoning: bool,
+    ) -> list[_Job]:  # fmt: skip
+        """Run one beam search per prompt (use_beam_search) to the end; each prompt's n beams, best first, as
+        finished jobs (what the response builders read), prompt by prompt."""
+        start = time.monotonic()
+
+        async def one(i: int, ids: list[int], p: BeamSearchParams):
+            final = None
+            async for final in self.client.generate(ids, p, f"{rid}-{i}"):
+                pass
+            return final
+
+        outs = await self._until_done(asyncio.ensure_future(asyncio.gather(
+            *(one(i, ids, p) for i, (ids, p) in enumerate(zip(prompts, params)))
+        )), request)  # fmt: skip
+        jobs = []
+        for p_index, (ids, p, out) in enumerate(zip(prompts, params, outs)):
+            for c in out.outputs:
+                job = _Job(p_index * p.beam_width + c.index, ids, p, reasoning, in_reasoning, token_ids=c.token_ids,
+                           text=[c.text], logprobs=c.logprobs, finish_reason=c.finish_reason,
+                           num_cached_tokens=out.num_cached_tokens)  # fmt: skip
+                job.reasoning_tokens = count_reasoning_tokens(c.token_ids, in_reasoning, self.think.think_end_id)
+                jobs.append(job)
+        self.metrics.tokens(sum(map(len, prompts)), sum(len(j.token_ids) for j in jobs),
+                            sum(j.reasoning_tokens for j in jobs))  # fmt: skip
+        self.metrics.observe_e2e(time.monotonic() - start)
+        return jobs
 
     def _account(self, jobs: list[_Job], start: float, first: float | None) -> None:
         end = time.monotonic()
@@ -775,21 +819,30 @@ class _Server:
         if req.echo and req.logprobs is not None:
             scored = max(req.logprobs, scored or 0)
         processors = self._structured(req, in_reasoning=False)
-        jobs, texts = [], []
-        for p_index, (text, ids) in enumerate(prompts):
-            max_tokens = self._max_tokens(req.max_tokens, len(ids), 16)
-            for i in range(req.n):
-                params = self._params(req, max_tokens, req.logprobs, i, scored)
-                first = p_index * req.n  # the prompt's first sample: the others copy its prefill, unless each scores
-                fork_of = first if i and scored is None else None
-                jobs.append(_Job(first + i, ids, params, ReasoningConfig(False), False, processors, fork_of=fork_of))
-                texts.append(text)
         rid = new_id("cmpl")
+        if req.use_beam_search:
+            if req.echo and req.logprobs is not None:
+                raise APIError(400, "echo with logprobs is not supported with use_beam_search", param="echo")
+            params = [beam_search_params(req, self._max_tokens(req.max_tokens, len(ids), 16), processors is not None)
+                      for _, ids in prompts]  # fmt: skip
+            jobs = await self._beam_jobs([ids for _, ids in prompts], params, rid, request, ReasoningConfig(False), False)
+            texts = [text for text, _ in prompts for _ in range(req.n)]
+        else:
+            jobs, texts = [], []
+            for p_index, (text, ids) in enumerate(prompts):
+                max_tokens = self._max_tokens(req.max_tokens, len(ids), 16)
+                for i in range(req.n):
+                    params = self._params(req, max_tokens, req.logprobs, i, scored)
+                    first = p_index * req.n  # the prompt's first sample: the others copy its prefill, unless each scores
+                    fork_of = first if i and scored is None else None
+                    jobs.append(_Job(first + i, ids, params, ReasoningConfig(False), False, processors, fork_of=fork_of))
+                    texts.append(text)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._completion_stream(rid, name, jobs, texts, req, include_usage),
                                      media_type="text/event-stream")  # fmt: skip
-        await self._run_all(jobs, rid, request, "/v1/completions")
+        if not req.use_beam_search:
+            await self._run_all(jobs, rid, request, "/v1/completions")
         choices = []
         for job, ptext in zip(jobs, texts):
             text = "".join(job.text)

@@ -4,7 +4,7 @@ Requests accept unknown fields (clients send many: user, metadata, parallel_tool
 ones we act on. Responses are plain dicts built in api.py, shaped as the OpenAI API's.
 Extra, non-OpenAI request fields (vLLM's names): top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids, bad_words, truncate_prompt_tokens,
-prompt_logprobs (each prompt
+use_beam_search and length_penalty (beam search, n beams), prompt_logprobs (each prompt
 token's logprob, rank and top-k, in the response's `prompt_logprobs`; not with stream), chat_template_kwargs (e.g.
 {"enable_thinking": false}), and `thinking_budget` (max reasoning tokens; also read from
 chat_template_kwargs / extra_body as `reasoning_budget`).
@@ -105,6 +105,10 @@ class _SamplingFields(_Request):
     # vLLM's: {"json": schema} | {"json_object": true} | {"regex": pattern} | {"choice": [...]}; the older
     # guided_json / guided_regex / guided_choice fields are read from the request's extras
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's: beam search with n beams (n choices, best first; serve/beam_search.py), ranked by
+    # cumulative logprob / length ** length_penalty
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     user: str | None = None
 
 

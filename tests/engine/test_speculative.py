@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemotron3 import SamplingParams
+from nemotron3 import BeamSearchParams, SamplingParams
 from nemotron3.config import ATTENTION, MAMBA, MOE, ModelConfig, pattern_to_kinds, preset
 from nemotron3.engine.engine import EngineConfig
 from nemotron3.engine.llm import LLM
@@ -447,11 +447,13 @@ def test_prompt_logprobs_equal_the_plain_engines(tiny, prompts, options):
                 assert ge[t].logprob == pytest.approx(we[t].logprob, abs=1e-5) and ge[t].rank == we[t].rank
 
 
-def test_prefix_caching_and_structured_outputs_are_refused(tiny):
-    """Both need what the drafter cannot give: cached blocks whose MTP K/V depend on the block's tokens alone, and
-    sampling through logits processors."""
+def test_prefix_caching_structured_outputs_and_beam_search_are_refused(tiny):
+    """They need what the drafter cannot give: cached blocks whose MTP K/V depend on the block's tokens alone,
+    sampling through logits processors, and a step that leaves beams to the beam search."""
     with pytest.raises(ValueError, match="enable_prefix_caching is not supported by SpeculativeEngine"):
         SpeculativeEngine(tiny, config=EngineConfig(enable_prefix_caching=True), speculative_config=spec(1))
     engine = SpeculativeEngine(tiny, config=EngineConfig(), speculative_config=spec(1))
     with pytest.raises(ValueError, match="structured_outputs is not supported by SpeculativeEngine"):
         engine.add_request("r", [5, 6, 7], SamplingParams(structured_outputs={"choice": ["a"]}))
+    with pytest.raises(ValueError, match="beam search is not supported by SpeculativeEngine"):
+        engine.add_request("b", [5, 6, 7], BeamSearchParams(beam_width=2, max_tokens=3))

@@ -39,8 +39,10 @@ def test_fused_forward_matches_and_parameters_are_unchanged(latent, tokens):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with torch.inference_mode(), fast_path():
         fused = moe(x)
-    with torch.inference_mode():
-        assert torch.equal(moe(x), ref)  # outside the engine's fast path: the reference op sequence
+    with torch.inference_mode():  # outside the engine's fast path: the reference op sequence, on views of the fused
+        # storage; the BLAS may pick other kernels for them (bit-identical on the Intel VM, ≤ 1.5e-7 relative L2 on
+        # the AMD EPYC one)
+        assert_close_rel(moe(x), ref.double(), 1e-6, "unfused op sequence on fused storage")
     assert_close_rel(fused, ref.double(), 2e-6, "fused MoE")
 
 
