@@ -846,9 +846,36 @@ static inline __attribute__((always_inline)) void linear_strip(const float *x, c
     }
 }
 
-/* linear_strip for n rows in groups of up to LINEAR_GROUP, switched to the constant (nb, bf16) instantiation. */
+#define LINEAR_BLOCK_BYTES (256 * 1024) /* weights of a block that more than LINEAR_GROUP rows share, in L2 */
+#define LINEAR_BLOCK_COLS 512            /* its columns: a group's sums (8 × 512 floats) stay in L1 */
+
+static void linear_group(const float *x, int64_t n, int64_t ldx, const void *W, int bf16, int64_t K, int64_t ldw,
+                         int64_t c0, int64_t c1, float *y, int64_t ldy);
+
+/* linear_group over columns [c0, c1) for n rows. Up to LINEAR_GROUP rows take one pass over the weights. More rows
+ * go block by block (LINEAR_BLOCK_COLS columns × the W rows that fill LINEAR_BLOCK_BYTES): the first group of rows
+ * reads a block from memory and the next groups find it in L2, so the weights are read from memory once. Each sum
+ * still adds its k terms in increasing k: the result is the unblocked one, bit for bit. */
 static void linear_rows(const float *x, int64_t n, int64_t ldx, const void *W, int bf16, int64_t K, int64_t ldw,
                         int64_t c0, int64_t c1, float *y, int64_t ldy) {
+    if (n <= LINEAR_GROUP) {
+        linear_group(x, n, ldx, W, bf16, K, ldw, c0, c1, y, ldy);
+        return;
+    }
+    int64_t cols = c1 - c0 < LINEAR_BLOCK_COLS ? c1 - c0 : LINEAR_BLOCK_COLS;
+    int64_t kb = LINEAR_BLOCK_BYTES / (cols * (bf16 ? 2 : 4)) / 4 * 4;
+    kb = kb < 4 ? 4 : kb;
+    for (int64_t b0 = c0; b0 < c1; b0 += cols) {
+        int64_t b1 = b0 + cols < c1 ? b0 + cols : c1;
+        for (int64_t k0 = 0; k0 < K; k0 += kb)
+            linear_group(x + k0, n, ldx, w_offset(W, k0 * ldw, bf16), bf16, K - k0 < kb ? K - k0 : kb, ldw, b0, b1, y,
+                         ldy);
+    }
+}
+
+/* linear_strip for n rows in groups of up to LINEAR_GROUP, switched to the constant (nb, bf16) instantiation. */
+static void linear_group(const float *x, int64_t n, int64_t ldx, const void *W, int bf16, int64_t K, int64_t ldw,
+                         int64_t c0, int64_t c1, float *y, int64_t ldy) {
     for (int64_t t0 = 0; t0 < n; t0 += LINEAR_GROUP) {
         const float *xt = x + t0 * ldx;
         float *yt = y + t0 * ldy;
@@ -877,8 +904,8 @@ static void linear_rows(const float *x, int64_t n, int64_t ldx, const void *W, i
 /* y = x·Wᵀ + bias for n rows: x [n, K] (rows ldx apart), the weight [N, K] given as its K-major storage W
  * (row k holds column k of the weight: W[k·ldw + j] = weight[j][k]; ldw ≥ N, so a column slice of a fused
  * matrix works too; float32, or bfloat16 when w_bf16), bias [N] float32 or NULL, y [n, N] (rows ldy apart).
- * A decode GEMV reads every weight once per LINEAR_GROUP rows. Wide matrices split their columns over the threads, each thread
- * streaming its strip of every row. Narrow ones (a thread's strip under ksplit_bytes) split the rows instead:
+ * Every weight is read from memory once (linear_rows: one pass for up to LINEAR_GROUP rows, L2-sized blocks for
+ * more). Wide matrices split their columns over the threads, each thread streaming its strip of every row. Narrow ones (a thread's strip under ksplit_bytes) split the rows instead:
  * each thread streams one contiguous block of W into its own partial y, and the partials are summed after;
  * short strided strips defeat the hardware prefetcher. Returns 0, or -2 if the partials cannot be allocated. */
 int nm3_linear(const float *x, int64_t n, int64_t ldx, const void *W, int w_bf16, int64_t K, int64_t N,

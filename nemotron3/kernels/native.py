@@ -59,11 +59,13 @@ _SIGNATURES = {
     "nm3_amx_init": (ctypes.c_int, []),
     "nm3_matmul_bf16": (ctypes.c_int, [_p, _i, _i, _i, _p, _n, _n, _i, _i, _p, _p, _i, _n, _n]),
 }
-# Rows (tokens) up to which `linear` runs natively (one pass over the weights for up to 8 rows); more go to
-# MKL's GEMM. Whole nemo50 / nemo300 decode steps, A/B in one process: batch 8 13.9 -> 11.0 ms and
-# 67.4 -> 51.4 ms against MKL, batch 6 1.14x / 1.33x faster, batch 1 unchanged; batch 16 in two passes was
-# within 7 % of MKL, so larger batches keep MKL.
-LINEAR_MAX_ROWS = 8
+# Rows (tokens) up to which `linear` runs natively, and the decode program's widest step; more go to MKL's GEMM.
+# The kernel reads the weights from memory once for any number of rows (one pass for up to 8; beyond, L2-sized
+# blocks that every group of 8 rows passes over). Up to 8 rows against MKL, whole steps A/B: nemo50 / nemo300
+# batch 8 13.9 -> 11.0 ms and 67.4 -> 51.4 ms. Beyond (benchmarks/bench_decode_batch.py): MKL reads a
+# [16 x 512] x [512 x 32,000] lm_head at ~6 GB/s, and a nemo50 step of 16 rows took 29 ms on the per-op path
+# against ~12 ms in the program; at 96-128 rows the two were level, so 64 (the default max_num_seqs) is the limit.
+LINEAR_MAX_ROWS = 64
 LINEAR_KSPLIT_BYTES = 32768  # nm3_linear splits rows, not columns, over threads whose column strip is narrower
 _WEIGHT_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' w_bf16 argument per weight dtype
 

@@ -105,17 +105,19 @@ def test_program_matches_the_per_op_path_bit_for_bit(variant):
 def test_batches_wider_than_the_program_take_the_per_op_path():
     model = make_model()
     g = torch.Generator().manual_seed(4)
-    requests = [torch.randint(3, 300, (3 + i,), generator=g).tolist() for i in range(12)]
+    wide = native.LINEAR_MAX_ROWS + 4
+    requests = [torch.randint(3, 300, (3 + i,), generator=g).tolist() for i in range(wide)]
     results, steps = [], []
     for eager, counted in ((False, steps), (True, None)):
-        engine = LLMEngine(
-            copy.deepcopy(model), config=EngineConfig(kv_cache_memory_bytes=MEM, max_num_seqs=16, enforce_eager=eager)
+        config = EngineConfig(
+            kv_cache_memory_bytes=MEM, max_num_seqs=wide, enforce_eager=eager, max_num_batched_tokens=8192
         )
+        engine = LLMEngine(copy.deepcopy(model), config=config)
         for i, r in enumerate(requests):
             engine.add_request(str(i), r, PARAMS)
         results.append(drain(engine, counted))
     assert results[0] == results[1]
-    assert steps == []  # 12 rows in every decode step: never the program
+    assert steps == []  # more rows than the program takes in every decode step: never the program
 
 
 def test_enforce_eager_and_compile_keep_the_per_op_path():

@@ -521,7 +521,10 @@ def test_linear_declines_what_it_does_not_take():
 
 
 @needs_native
-@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (3, 256, 40), (8, 200, 70)])
+@pytest.mark.parametrize(
+    ("rows", "K", "N"),
+    [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (3, 256, 40), (8, 200, 70), (9, 700, 1500), (17, 37, 33), (32, 130, 1000)],
+)  # more than 8 rows: blocks of 512 columns × 128 W rows (700 = 5 blocks + 60, 1500 = 2 blocks of 512 + 476)
 @pytest.mark.parametrize("ksplit", [0, 1 << 30])
 def test_linear_splits_rows_or_columns_over_threads_like_float64(rows, K, N, ksplit, monkeypatch):
     """Column strips (ksplit 0) and row blocks summed after (every matrix narrower than 1 GiB per thread), over 3
@@ -542,7 +545,22 @@ def test_linear_splits_rows_or_columns_over_threads_like_float64(rows, K, N, ksp
 
 
 @needs_native
-@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (1, 64, 7), (7, 96, 50)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_linear_blocks_for_many_rows_add_in_the_same_order(bf16):
+    """Beyond 8 rows the kernel goes block by block through the weights (cpu_decode.c, linear_rows), each sum still
+    adding its terms in increasing k: every group of 8 rows equals those rows alone, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(native.LINEAR_MAX_ROWS, 1100, generator=g)
+    w = k_major(torch.randn(1300, 1100, generator=g) / math.sqrt(1100))
+    w = w.bfloat16() if bf16 else w
+    out = native.linear(x, w)
+    for r in range(0, native.LINEAR_MAX_ROWS, 8):
+        assert torch.equal(out[r : r + 8], native.linear(x[r : r + 8], w))
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "K", "N"), [(1, 512, 2320), (2, 37, 33), (4, 130, 1000), (1, 64, 7), (7, 96, 50),
+                                             (20, 600, 700)])  # fmt: skip
 def test_linear_reads_bfloat16_weights_widened_exactly(rows, K, N):
     """Weight-only bf16: the kernel widens each bf16 weight to float32 (exact) and accumulates in float32, so the
     float64 product with the widened weight is the reference, to the same 2e-6 as float32 weights."""
