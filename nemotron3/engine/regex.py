@@ -14,10 +14,12 @@ with a ValueError that names them.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 MAX_STATES = 50_000  # a {m,n} repeats its body's states; this bounds what one pattern may build
 MAX_REPEAT = 1_000
+_FAR = 1 << 30  # min_chars of a state set that cannot reach a match
 
 _DIGIT = ((ord("0"), ord("9")),)
 _WORD = ((ord("0"), ord("9")), (ord("A"), ord("Z")), (ord("_"), ord("_")), (ord("a"), ord("z")))
@@ -328,6 +330,7 @@ class RegexAutomaton(MemoAutomaton):
         self.pattern = pattern
         self._nfa = nfa = _NFA()
         self._start, self._accept = _build(nfa, _Parser(pattern).parse())
+        self._distance: list[int] | None = None  # per NFA state, characters to a match (min_chars)
 
     def _closure(self, states) -> frozenset:
         seen, todo = set(states), list(states)
@@ -346,6 +349,32 @@ class RegexAutomaton(MemoAutomaton):
 
     def can_finish(self, states: frozenset) -> bool:
         return self._accept in states
+
+    def min_chars(self, states: frozenset) -> int:
+        """The fewest characters that complete a match from `states` (a large number if none can)."""
+        if self._distance is None:
+            self._distance = self._distances()
+        return min((self._distance[s] for s in states), default=_FAR)
+
+    def _distances(self) -> list[int]:
+        """Per NFA state, the fewest characters to the accepting state: a 0-1 breadth-first search backwards from
+        it (empty moves cost 0, character moves 1)."""
+        back: list[list[tuple[int, int]]] = [[] for _ in range(len(self._nfa.eps))]
+        for s in range(len(back)):
+            for t in self._nfa.eps[s]:
+                back[t].append((s, 0))
+            for _, t in self._nfa.edges[s]:
+                back[t].append((s, 1))
+        dist = [_FAR] * len(back)
+        dist[self._accept] = 0
+        todo = deque([self._accept])
+        while todo:
+            t = todo.popleft()
+            for s, cost in back[t]:
+                if dist[t] + cost < dist[s]:
+                    dist[s] = dist[t] + cost
+                    todo.appendleft(s) if cost == 0 else todo.append(s)
+        return dist
 
     def fullmatch(self, text: str) -> bool:
         return self.can_finish(self.feed(self.initial(), text))

@@ -12,11 +12,14 @@ What the grammar enforces:
 - json_object: any JSON object (nesting depth ≤ 6, ≤ 32 members per object, ≤ 64 items per array);
 - json_schema: type (incl. lists of types), properties (all declared properties are emitted, in order, so
   `required` always holds), items, enum, const, anyOf / oneOf (oneOf as anyOf), allOf of one schema,
-  $ref into #/$defs or #/definitions, minLength / maxLength, minItems / maxItems. Strings without
+  $ref into #/$defs or #/definitions, minLength / maxLength, minItems / maxItems, and pattern: the string's
+  decoded characters (escapes decoded) walk the pattern's automaton (engine/regex.py), with JSON Schema's
+  meaning, a match anywhere in the string unless anchored by ^ / $ (`search_pattern`). Strings without
   maxLength are capped at 1024 characters, arrays without maxItems at 64 items, numbers at 24 characters,
   so that a constrained output always ends.
-- Not enforced (accepted, documented): pattern (checked to compile), format, minimum / maximum /
-  multipleOf, additionalProperties beyond the declared ones (none are generated), uniqueItems.
+- Not enforced (accepted, documented): a pattern that Python's `re` compiles but engine/regex.py refuses
+  (lookaround, backreferences, word boundaries), format, minimum / maximum / multipleOf,
+  additionalProperties beyond the declared ones (none are generated), uniqueItems.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _INT_DONE = re.compile(r"-?(?:0|[1-9]\d*)")
 _NUM_PREFIX = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:(?<=\d)[eE][+-]?\d*)?)?")
 _NUM_DONE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _ESCAPES = set('"\\/bfnrt')
+_UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 # ------------------------------------------------------------------------------------------ grammar nodes
@@ -57,6 +61,7 @@ class Node:
     props: tuple = ()  # obj: ((key, Node), ...)
     options: tuple = ()  # union
     depth: int = 0  # any / fobj
+    pattern: RegexAutomaton | None = None  # str: the schema's pattern (search_pattern), or None
 
 
 _ANY: dict[int, Node] = {}
@@ -118,11 +123,7 @@ def _compile(s, root, depth: int) -> Node:
         if len(s["allOf"]) != 1:
             raise ValueError("JSON schema allOf with more than one schema is not supported")
         return _compile(s["allOf"][0], root, depth + 1)
-    if "pattern" in s:
-        try:
-            re.compile(s["pattern"])
-        except re.error as e:
-            raise ValueError(f"JSON schema pattern {s['pattern']!r} is not a valid regex: {e}") from None
+    pattern = _pattern(s["pattern"]) if "pattern" in s else None
     t = s.get("type")
     if isinstance(t, list):
         return Node("union", options=tuple(_compile({**s, "type": x}, root, depth + 1) for x in t))
@@ -134,7 +135,9 @@ def _compile(s, root, depth: int) -> Node:
         lo, hi = int(s.get("minLength", 0)), int(s.get("maxLength", MAX_STRING))
         if hi < lo:
             raise ValueError("JSON schema maxLength < minLength")
-        return Node("str", min_len=lo, max_len=hi)
+        if pattern is not None and pattern.min_chars(pattern.initial()) > hi:
+            raise ValueError(f"JSON schema pattern {s['pattern']!r} cannot match a string of at most {hi} characters")
+        return Node("str", min_len=lo, max_len=hi, pattern=pattern)
     if t in ("integer", "number"):
         return Node("num", integer=t == "integer")
     if t == "boolean":
@@ -158,6 +161,33 @@ def _compile(s, root, depth: int) -> Node:
     raise ValueError(f"JSON schema type {t!r} is not supported")
 
 
+def search_pattern(pattern: str) -> str:
+    """JSON Schema's `pattern` (ECMA-262: found anywhere in the string unless anchored) as a full-match pattern for
+    engine/regex.py: any text, newlines included, on each side that has no ^ / $ anchor."""
+    body, anywhere = pattern, "(?:.|\n)*"
+    head = "" if body.startswith("^") else anywhere
+    body = body[1:] if head == "" else body
+    trailing_slashes = len(body[:-1]) - len(body[:-1].rstrip("\\"))
+    anchored_end = body.endswith("$") and trailing_slashes % 2 == 0
+    body = body[:-1] if anchored_end else body
+    return f"{head}(?:{body}){'' if anchored_end else anywhere}"
+
+
+def _pattern(pattern) -> RegexAutomaton | None:
+    """The automaton of a schema's `pattern`; None where engine/regex.py cannot express a pattern that Python's re
+    compiles (left unenforced, as documented); a pattern that is no regex at all is a ValueError."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"JSON schema pattern must be a string, got {type(pattern).__name__}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"JSON schema pattern {pattern!r} is not a valid regex: {e}") from None
+    try:
+        return RegexAutomaton(search_pattern(pattern))
+    except ValueError:
+        return None
+
+
 def _resolve(ref: str, root):
     for prefix in ("#/$defs/", "#/definitions/"):
         if isinstance(ref, str) and ref.startswith(prefix):
@@ -179,7 +209,7 @@ def _dump(value) -> str:
 # that may end); a stack is a tuple of frames, the top last. Frames:
 #   ("V", node)                  a value of `node` comes next
 #   ("L", texts, pos)            inside one of the literal texts, `pos` characters matched
-#   ("S", min, max, n, escaped)  inside a string, n characters so far
+#   ("S", min, max, n, escaped, pattern, states)  inside a string, n characters so far (pattern: None or its automaton)
 #   ("N", integer, text)         inside a number
 #   ("O", node, i)               schema object: property i's value is done
 #   ("FO", depth, count, phase)  free object: phase start | key | after
@@ -203,17 +233,21 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         if more:
             out.append(rest + (("L", more, pos + 1),))
         return out
-    if k == "S":
-        _, lo, hi, n, esc = top
+    if k == "S":  # ("S", min, max, characters so far, after a backslash, pattern automaton or None, its states)
+        _, lo, hi, n, esc, rx, rs = top
         if esc:
-            return [rest + (("S", lo, hi, n + 1, False),)] if c in _ESCAPES else []
+            if c not in _ESCAPES:
+                return []
+            rs = _pattern_step(rx, rs, _UNESCAPE[c], hi - n - 1)
+            return [rest + (("S", lo, hi, n + 1, False, rx, rs),)] if rs else []
         if c == '"':
-            return [rest] if n >= lo else []
+            return [rest] if n >= lo and (rx is None or rx.can_finish(rs)) else []
         if n >= hi or ord(c) < 0x20:
             return []
         if c == "\\":
-            return [rest + (("S", lo, hi, n, True),)]
-        return [rest + (("S", lo, hi, n + 1, False),)]
+            return [rest + (("S", lo, hi, n, True, rx, rs),)]
+        rs = _pattern_step(rx, rs, c, hi - n - 1)
+        return [rest + (("S", lo, hi, n + 1, False, rx, rs),)] if rs else []
     if k == "N":
         _, integer, text = top
         out = []
@@ -235,7 +269,7 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         _, depth, count, phase = top
         if c == '"' and phase in ("start", "key") and count < MAX_MEMBERS:
             return [rest + (("FO", depth, count + 1, "after"), ("V", any_node(depth + 1)), ("L", (":",), 0),
-                            ("S", 0, MAX_KEY, 0, False))]  # fmt: skip
+                            _string(0, MAX_KEY))]  # fmt: skip
         if c == "}" and phase in ("start", "after"):
             return [rest]
         if c == "," and phase == "after":
@@ -256,12 +290,26 @@ def _step(stack: tuple, c: str) -> list[tuple]:
     raise AssertionError(k)
 
 
+def _pattern_step(rx: RegexAutomaton | None, states: frozenset, ch: str, room: int) -> frozenset:
+    """A string's pattern states after one more (decoded) character, or an empty set (a dead end) when the pattern
+    can no longer be matched within the `room` characters the string has left; no pattern: unchanged."""
+    if rx is None:
+        return states
+    states = rx.step(states, ch)
+    return states if states and rx.min_chars(states) <= room else frozenset()
+
+
+def _string(lo: int, hi: int, pattern: RegexAutomaton | None = None) -> tuple:
+    """The frame of a string just opened: lo … hi characters, matching `pattern` if given."""
+    return ("S", lo, hi, 0, False, pattern, pattern.initial() if pattern is not None else frozenset([0]))
+
+
 def _expand(rest: tuple, node: Node, c: str) -> list[tuple]:
     kind = node.kind
     if kind == "lit":
         return _step(rest + (("L", node.texts, 0),), c)
     if kind == "str":
-        return [rest + (("S", node.min_len, node.max_len, 0, False),)] if c == '"' else []
+        return [rest + (_string(node.min_len, node.max_len, node.pattern),)] if c == '"' else []
     if kind == "num":
         return [rest + (("N", node.integer, c),)] if (c == "-" or c.isdigit()) and c.isascii() else []
     if kind == "arr":
@@ -278,7 +326,7 @@ def _expand(rest: tuple, node: Node, c: str) -> list[tuple]:
     if kind == "any":
         d = node.depth
         if c == '"':
-            return [rest + (("S", 0, MAX_STRING, 0, False),)]
+            return [rest + (_string(0, MAX_STRING),)]
         if c == "-" or (c.isdigit() and c.isascii()):
             return [rest + (("N", False, c),)]
         if c in "tfn":

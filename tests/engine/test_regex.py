@@ -61,3 +61,14 @@ def test_dead_prefixes_are_empty_state_sets():
 def test_unsupported_or_malformed_patterns_name_the_problem(pattern, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         RegexAutomaton(pattern)
+
+
+def test_min_chars_is_the_shortest_completion():
+    a = RegexAutomaton(r"ab{2,3}c|(?:x|yyy)z")
+    start = a.initial()
+    assert a.min_chars(start) == 2  # "xz"
+    assert a.min_chars(a.step(start, "a")) == 3  # "bbc"
+    assert a.min_chars(a.feed(start, "abbb")) == 1
+    assert a.min_chars(a.feed(start, "abbbc")) == 0
+    assert a.min_chars(a.feed(start, "y")) == 3  # "yyz"
+    assert a.min_chars(frozenset()) > 10**6  # nothing can complete
