@@ -177,7 +177,7 @@ def _pattern(pattern) -> RegexAutomaton | None:
     """The automaton of a schema's `pattern`; None where engine/regex.py cannot express a pattern that Python's re
     compiles (left unenforced, as documented); a pattern that is no regex at all is a ValueError."""
     if not isinstance(pattern, str):
-        raise ValueError(f"JSON schema pattern must be a string, got {type(pattern).__name__}")
+        raise ValueError(f"JSON schema pattern must be a string, got {type(pattern).__name__}")  # noqa: TRY004
     try:
         re.compile(pattern)
     except re.error as e:

@@ -826,7 +826,7 @@ class _Server:
             params = [beam_search_params(req, self._max_tokens(req.max_tokens, len(ids), 16), processors is not None)
                       for _, ids in prompts]  # fmt: skip
             jobs = await self._beam_jobs([ids for _, ids in prompts], params, rid, request, ReasoningConfig(False), False)
-            texts = [text for text, _ in prompts for _ in range(req.n)]
+            texts = [prompts[job.index // req.n][0] for job in jobs]  # each beam's own prompt (echo)
         else:
             jobs, texts = [], []
             for p_index, (text, ids) in enumerate(prompts):
