@@ -11,8 +11,9 @@ GEMV now goes through the weights block by block for more than 8 rows (256 KiB b
 every group of 8 rows passes), so the weights are read from memory once, and the program takes up to 64 rows.
 Setting `native.LINEAR_MAX_ROWS` back to 8 restores the old path exactly (the runner and the GEMV read it per
 call), so both run in one process on one engine: per batch size, A/B/B/A, each a `--new`-token greedy generate
-of `--batch` random `--prompt`-token prompts; a cell is the median decode step (the first two dropped) of each
-run, then the median over runs.
+of `--batch` random `--prompt`-token prompts, timed as `nemotron3 bench` and bench_engine.py time it
+(`nemotron3.bench.timed_generate`: whole engine steps); a cell is the median of each run's steps in which every
+sequence decodes (the first two dropped), then the median over runs.
 
 Predicted, nemo50 fp32, 2 threads: the step reads ~120 MB of weights (~6 ms at 20 GB/s) plus per-row work
 (~0.4 ms a row: attention over 512 keys, the Mamba state, the experts' rows): 16 rows ~12 ms against the old
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,32 +36,12 @@ if str(HERE) not in sys.path:
 import common as C
 import torch
 
-from nemotron3 import LLM, SamplingParams
+from nemotron3 import LLM
+from nemotron3.bench import timed_generate
 from nemotron3.kernels import native
 
 NOW = native.LINEAR_MAX_ROWS
 OLD = 8  # the limit before
-
-
-def decode_steps(llm: LLM, prompts: list[list[int]], new: int) -> tuple[list[float], list[list[int]]]:
-    """Times of the pure-decode steps of one greedy generate, and its tokens."""
-    runner, times = llm.engine.runner, []
-    step = runner.step
-
-    def timed(segments):
-        t0 = time.perf_counter()
-        out = step(segments)
-        if all(s.decode for s in segments):
-            times.append(time.perf_counter() - t0)
-        return out
-
-    runner.step = timed
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))  # fmt: skip
-    finally:
-        runner.step = step
-    return times, [o.outputs[0].token_ids for o in outs]
 
 
 def cell(llm: LLM, batch: int, args) -> dict:
@@ -72,7 +52,9 @@ def cell(llm: LLM, batch: int, args) -> dict:
     for rep in range(args.reps):
         for limit in (NOW, OLD) if rep % 2 == 0 else (OLD, NOW):
             native.LINEAR_MAX_ROWS = limit
-            times, tokens[limit] = decode_steps(llm, prompts, args.new)
+            run = timed_generate(llm, prompts, args.new)
+            times = [step.seconds for step in run.decode_steps(batch)]
+            tokens[limit] = [o.outputs[0].token_ids for o in run.outputs]
             runs[limit].append(statistics.median(times[2:] or times))
     native.LINEAR_MAX_ROWS = NOW
     old, now = statistics.median(runs[OLD]), statistics.median(runs[NOW])

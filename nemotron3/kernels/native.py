@@ -63,8 +63,8 @@ _SIGNATURES = {
 # The kernel reads the weights from memory once for any number of rows (one pass for up to 8; beyond, L2-sized
 # blocks that every group of 8 rows passes over). Up to 8 rows against MKL, whole steps A/B: nemo50 / nemo300
 # batch 8 13.9 -> 11.0 ms and 67.4 -> 51.4 ms. Beyond (benchmarks/bench_decode_batch.py): MKL reads a
-# [16 x 512] x [512 x 32,000] lm_head at ~6 GB/s, and a nemo50 step of 16 rows took 29 ms on the per-op path
-# against ~12 ms in the program; at 96-128 rows the two were level, so 64 (the default max_num_seqs) is the limit.
+# [16 x 512] x [512 x 32,000] lm_head at ~6 GB/s, and a nemo50 step of 16 rows took 31 ms on the per-op path
+# against 16 ms in the program (whole engine steps); at 96-128 rows the two were level, so 64 (the default max_num_seqs) is the limit.
 LINEAR_MAX_ROWS = 64
 LINEAR_KSPLIT_BYTES = 32768  # nm3_linear splits rows, not columns, over threads whose column strip is narrower
 _WEIGHT_FLAG = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' w_bf16 argument per weight dtype

@@ -582,11 +582,10 @@ class _Server:
         jobs = []
         for p_index, (ids, p, out) in enumerate(zip(prompts, params, outs)):
             for c in out.outputs:
-                job = _Job(p_index * p.beam_width + c.index, ids, p, reasoning, in_reasoning, token_ids=c.token_ids,
-                           text=[c.text], logprobs=c.logprobs, finish_reason=c.finish_reason,
-                           num_cached_tokens=out.num_cached_tokens)  # fmt: skip
-                job.reasoning_tokens = count_reasoning_tokens(c.token_ids, in_reasoning, self.think.think_end_id)
-                jobs.append(job)
+                jobs.append(_Job(p_index * p.beam_width + c.index, ids, p, reasoning, in_reasoning,
+                                 token_ids=c.token_ids, text=[c.text], logprobs=c.logprobs, finish_reason=c.finish_reason,
+                                 reasoning_tokens=count_reasoning_tokens(c.token_ids, in_reasoning, self.think.think_end_id),
+                                 num_cached_tokens=out.num_cached_tokens))  # fmt: skip
         self.metrics.tokens(sum(map(len, prompts)), sum(len(j.token_ids) for j in jobs),
                             sum(j.reasoning_tokens for j in jobs))  # fmt: skip
         self.metrics.observe_e2e(time.monotonic() - start)
