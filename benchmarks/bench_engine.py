@@ -25,7 +25,8 @@ targets) and engine.png (needs matplotlib: `pip install -e .[bench]`). Method (r
 * (c) prefill tok/s at 512 and 2048 tokens, batch 1. Ours: a request with max_tokens=1 through
   `LLM.generate`, token budget = prompt length (one step), end to end. transformers: one forward with
   `use_cache=True, logits_to_keep=1`. On CPUs with AMX, ours also runs under matmul_precision "high"
-  and "medium" (prefill GEMMs as bf16 tile products, not float32: beside the targets, not for them).
+  and "medium" (prefill GEMMs as bf16 tile products, not float32: beside the targets, not for them); on
+  CPUs with AVX512-BF16 but no AMX (AMD Zen 4), under "medium" (bf16 dot products).
 * (d) decode ms/token vs context 512 / 2k / 8k / 32k, batch 1, for the hybrid nemo50 and its
   attention-only twin `*E*E*E*E` (each Mamba layer replaced by attention: same width, depth and MoE).
   Ours prefills with chunked prefill (2048-token budget per step). transformers is skipped where a
@@ -68,7 +69,7 @@ PAIR_BLOCK, PAIR_BLOCKS = 4, 12  # (d) one-process pair: blocks of 4 decode step
 def _ours_llm(name: str, weights: str, n_seqs: int, tokens_per_seq: int, budget: int, spec: dict | None = None):
     """Our LLM over the saved weights, its cache pools sized for the run (nemotron3.bench.make_llm), with the
     engine options a spec names: weight_dtype "bfloat16" (weight-only bf16), enforce_eager (no decode program),
-    matmul_precision (prefill GEMMs on AMX tiles)."""
+    matmul_precision (prefill GEMMs as bf16 products, kernels/cpu_amx.c)."""
     options = {k: spec[k] for k in ("weight_dtype", "enforce_eager", "matmul_precision") if (spec or {}).get(k)}
     return make_llm(C.load_ours(name, Path(weights)), n_seqs, tokens_per_seq, budget, options)
 
@@ -383,7 +384,7 @@ def plan(mode: str) -> dict:
         "bf16_weights": True,  # (a) also ours with weight-only bf16 (not a target: the targets are fp32)
         "eager_arm": True,  # (a) also ours with enforce_eager (every step per op): what the decode program gains
         "kv_bf16_pair": True,  # (d) also the one-process pair over a bf16 K/V pool
-        "amx_precisions": ["high", "medium"],  # (c) also ours under these matmul precisions, where AMX exists
+        "amx_precisions": ["high", "medium"],  # (c) also ours under these matmul precisions (AMX; "medium" on AVX512-BF16)
         "worker_timeout": 560,
         "budget_min": 25,
         "quiet_wait_s": 20,  # wait up to this long for other processes to go idle before each worker
@@ -609,7 +610,8 @@ def run_all(r: Runner, P: dict, log) -> dict:
 
     # (c) prefill, batch 1
     log("(c) prefill")
-    precisions = P["amx_precisions"] if native.amx_available() else []
+    kind = native.bf16_matmul_kind()  # AMX: both reduced precisions; AVX512-BF16 alone: native.DOT_PRECISIONS
+    precisions = [p for p in P["amx_precisions"] if kind == "amx" or p in native.DOT_PRECISIONS] if kind else []
     arms = ("ours", "hf", *precisions)
     pre = {m: {L: {a: [] for a in arms} for L in P["prefill"]} for m in (M["hybrid"], M["big"])}
     for rep in range(P["reps"]):

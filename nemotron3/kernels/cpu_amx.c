@@ -1,5 +1,6 @@
-/* Float32 matrix products on Intel AMX tiles (bfloat16 inputs, float32 accumulation), for prefill GEMMs under
- * torch's reduced float32 matmul precisions (torch.set_float32_matmul_precision):
+/* Float32 matrix products on Intel AMX tiles (bfloat16 inputs, float32 accumulation), or with AVX512-BF16 dot
+ * products where the CPU has those but no AMX (AMD Zen 4, Intel Cooper Lake), for prefill GEMMs under torch's
+ * reduced float32 matmul precisions (torch.set_float32_matmul_precision):
  *
  *   "high"    each float32 is split into a bfloat16 pair (round to nearest even), v = hi + lo + e with
  *             |e| ≤ 2^-16·|v|, and x·w = x_hi·w_hi + x_lo·w_hi + x_hi·w_lo: the dropped terms (lo·lo and
@@ -8,31 +9,38 @@
  *
  * `products` (1, 2 or 3) counts the terms taken, in that order; a bfloat16 weight has no lo part, so its
  * products stop at 2 and "high" is then exact to the split of x. One TDPBF16PS multiplies a 16×32 bf16 tile of x
- * by a 32×16 tile of w into 16×16 float32 sums: 8192 multiply-adds per instruction against 16 per AVX-512 FMA.
+ * by a 32×16 tile of w into 16×16 float32 sums: 8192 multiply-adds per instruction against 16 per AVX-512 FMA;
+ * one VDPBF16PS adds 16 pairs of bf16 products into 16 float32 sums: 32 multiply-adds, twice an FMA's.
  *
  * Layouts (K padded to 32, M and N to 32, with zeros): x's hi and lo parts are packed tile by tile,
  * [M/16][K/32][16 rows][32], so every tile load reads 1 KiB contiguously; w's parts in the "VNNI" order the
  * B operand wants, [N/16][K/32][16 k-pairs][16 columns][2], built from the engine's K-major weight storage
  * (two consecutive weight rows interleaved). The product runs in blocks of 32 rows × 32 columns (four
  * accumulator tiles, two x tiles, two w tiles: the eight tile registers), up to AMX_MC rows of x at a time so
- * their packed tiles stay in L2 while each thread streams its columns of w.
+ * their packed tiles stay in L2 while each thread streams its columns of w. Without AMX, the same packed operands
+ * feed VDPBF16PS: a 32 × 32 block is four passes of 8 rows × 32 columns (16 accumulators), broadcasting one
+ * (k, k+1) pair of x per row against a 64-byte row of the packed w, which is exactly the pairs layout it takes.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <sys/mman.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define NM3_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #define AMX_MC 256 /* at most this many rows of x per pass over a column chunk (fewer when K is large, below) */
 #define AMX_NC 512 /* columns of W packed at a time (512·K·4 bytes) */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+#if defined(NM3_AMX)
 /* Linux hands out the tile state only on request, once per process. 1 when AMX can run here. */
 int nm3_amx_init(void) {
     static int state = -1;
@@ -56,6 +64,16 @@ static void configure_tiles(void) { /* eight 16 × 64-byte tiles */
     }
     _tile_loadconfig(&c);
 }
+#else
+int nm3_amx_init(void) { return 0; }
+#endif
+
+/* 1: this build has the AVX512-BF16 products (nm3_matmul_bf16 runs without AMX too). */
+int nm3_bf16_dot_available(void) { return 1; }
+
+static int amx_allowed = 1;
+/* Whether nm3_matmul_bf16 may use AMX where it runs (0: the AVX512-BF16 products; tests compare both). */
+void nm3_bf16_allow_amx(int on) { amx_allowed = on; }
 
 static inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -159,6 +177,7 @@ static void pack_w_rows(const void *w, int bf16, int64_t K, int64_t N, int64_t l
     }
 }
 
+#if defined(NM3_AMX)
 /* The 32 × 32 block at (m, n0) over all of K: products of the hi/lo tiles accumulated in tiles 0-3. Tile
  * registers are not renamed, so a load into a tile waits for every product still reading it: each load is
  * issued right after the last product that reads the tile's previous contents (the next k-step's tiles load
@@ -228,6 +247,52 @@ static void store32(float *y, int64_t ldy, int64_t m, int64_t n0, int64_t M, int
                                   _mm512_add_ps(_mm512_loadu_ps(c[(r / 16) * 2 + h] + (r % 16) * 16), b));
     }
 }
+#endif
+
+/* The (k, k+1) bf16 pair at p, broadcast to the 16 lanes (VDPBF16PS's A operand). */
+static inline __m512bh pair(const uint16_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* acc[r][h] += Σ over all K of x part a (8 rows, tile-packed) times w part b (two 16-column blocks t apart). */
+static inline __attribute__((always_inline)) void dot8x32(__m512 acc[8][2], const uint16_t *a, const uint16_t *b,
+                                                          int64_t nk, int64_t t) {
+    for (int64_t kb = 0; kb < nk; kb++)
+        for (int kp = 0; kp < 16; kp++) {
+            const uint16_t *ak = a + kb * 512 + 2 * kp, *bk = b + kb * 512 + kp * 32;
+            __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + t);
+            for (int r = 0; r < 8; r++) {
+                __m512bh ar = pair(ak + r * 32);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
+            }
+        }
+}
+
+/* y[m.., n0..] (rows ldy apart, clipped to M × N) = the 32 × 32 block of the packed x (its 16-row tiles from xh /
+ * xl on) and w (its two 16-column blocks from wh / wl on) in `products` terms (+ bias), 8 rows at a time. */
+static void block32_dot(const uint16_t *xh, const uint16_t *xl, const uint16_t *wh, const uint16_t *wl, int64_t nk,
+                        int products, float *y, int64_t ldy, int64_t m, int64_t n0, int64_t M, int64_t N,
+                        const float *bias) {
+    const int64_t t = nk * 512;
+    for (int64_t r0 = 0; r0 < 32 && m + r0 < M; r0 += 8) {
+        const int64_t xo = (r0 / 16) * t + (r0 % 16) * 32; /* row r0 in its 16-row tile */
+        __m512 acc[8][2];
+        for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        dot8x32(acc, xh + xo, wh, nk, t);
+        if (products >= 2) dot8x32(acc, xl + xo, wh, nk, t);
+        if (products >= 3) dot8x32(acc, xh + xo, wl, nk, t);
+        for (int h = 0; h < 2; h++) {
+            int64_t n = n0 + 16 * h;
+            __mmask16 mask = first(N - n);
+            __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+            for (int r = 0; r < 8 && m + r0 + r < M; r++)
+                _mm512_mask_storeu_ps(y + (m + r0 + r) * ldy + n, mask, _mm512_add_ps(acc[r][h], b));
+        }
+    }
+}
 
 /* This thread's scratch for the packed tiles, kept between calls and grown as needed, in 2 MiB pages: fresh
  * pages each call cost more than the packing, and with 4 KiB pages the tile streams miss the TLB (2 MiB pages:
@@ -249,11 +314,11 @@ static uint16_t *scratch(size_t bytes) {
 
 /* y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · W + bias, W float32 (or bfloat16 when w_bf16),
  * K-major (element (k, n) at w[k·ldw + n]) or row-major when w_rows (at w[n·ldw + k]), in `products` bf16 terms
- * (see the top). x is packed once, W AMX_NC columns at a time. Returns 0, -1 when AMX cannot run here, -2 when
- * scratch cannot be allocated. */
+ * (see the top), on AMX tiles where they run, else with AVX512-BF16 dot products. x is packed once, W AMX_NC
+ * columns at a time. Returns 0, or -2 when scratch cannot be allocated. */
 int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int w_rows,
                     int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {
-    if (!nm3_amx_init()) return -1;
+    const int amx = amx_allowed && nm3_amx_init();
     if (w_bf16 && products > 2) products = 2; /* a bf16 weight's lo part is zero */
     int64_t nk = (K + 31) / 32, Mp = (M + 31) / 32 * 32;
     size_t xs = (size_t)Mp * nk * 32, ws = (size_t)AMX_NC * nk * 32;
@@ -263,7 +328,9 @@ int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const voi
 #pragma omp parallel num_threads(nthreads)
     {
         pack_x(x, M, ldx, K, Mp, nk, xh, xl);
-        configure_tiles();
+#if defined(NM3_AMX)
+        if (amx) configure_tiles();
+#endif
         /* rows per pass: their packed hi+lo tiles (rows·K·4 bytes) take at most 1 MiB of the 2 MiB L2 */
         int64_t mrows = ((int64_t)1 << 20) / (nk * 32 * 4) / 32 * 32;
         mrows = mrows < 32 ? 32 : mrows > AMX_MC ? AMX_MC : mrows;
@@ -283,19 +350,31 @@ int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const voi
                 for (int64_t nb = 0; nb < blocks; nb++) {
                     const uint16_t *bh = wh + nb * 2 * nk * 512, *bl = wl + nb * 2 * nk * 512;
                     for (int64_t m = mc; m < me; m += 32) {
-                        block32(xh + (m / 16) * nk * 512, xl + (m / 16) * nk * 512, bh, bl, nk, products);
-                        store32(y + nc, ldy, m, nb * 32, M, cols, bias ? bias + nc : NULL);
+                        const uint16_t *ah = xh + (m / 16) * nk * 512, *al = xl + (m / 16) * nk * 512;
+#if defined(NM3_AMX)
+                        if (amx) {
+                            block32(ah, al, bh, bl, nk, products);
+                            store32(y + nc, ldy, m, nb * 32, M, cols, bias ? bias + nc : NULL);
+                            continue;
+                        }
+#endif
+                        block32_dot(ah, al, bh, bl, nk, products, y + nc, ldy, m, nb * 32, M, cols,
+                                    bias ? bias + nc : NULL);
                     }
                 }
             }
         }
-        _tile_release();
+#if defined(NM3_AMX)
+        if (amx) _tile_release();
+#endif
     }
     return 0;
 }
 
-#else /* no AMX in this build: callers use torch's matmul */
+#else /* no AVX512-BF16 in this build: callers use torch's matmul */
 int nm3_amx_init(void) { return 0; }
+int nm3_bf16_dot_available(void) { return 0; }
+void nm3_bf16_allow_amx(int on) { (void)on; }
 
 int nm3_matmul_bf16(const float *x, int64_t M, int64_t ldx, int64_t K, const void *w, int w_bf16, int w_rows,
                     int64_t N, int64_t ldw, const float *bias, float *y, int64_t ldy, int products, int nthreads) {

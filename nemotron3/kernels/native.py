@@ -33,6 +33,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_amx_allowed = True  # allow_amx
 
 _p, _i, _f, _n = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -57,6 +58,8 @@ _SIGNATURES = {
     "nm3_ssd_scan": (ctypes.c_int, [_i, _i, _i, _i, _i, _i, _p, _i, _p, _i, _p, _p, _i, _p, _i, _p, _p, _n]),
     "nm3_prefill_attention": (ctypes.c_int, [_i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _f, _p, _i, _n]),
     "nm3_amx_init": (ctypes.c_int, []),
+    "nm3_bf16_dot_available": (ctypes.c_int, []),
+    "nm3_bf16_allow_amx": (None, [_n]),
     "nm3_matmul_bf16": (ctypes.c_int, [_p, _i, _i, _i, _p, _n, _n, _i, _i, _p, _p, _i, _n, _n]),
 }
 # Rows (tokens) up to which `linear` runs natively, and the decode program's widest step; more go to MKL's GEMM.
@@ -542,6 +545,12 @@ MATMUL_PRODUCTS = {"high": 3, "medium": 1}
 # in the engine, so those need 4x the rows.
 AMX_MIN_ROWS = 128
 AMX_MIN_ROWS_ROW_MAJOR = 512
+# Precisions `matmul_bf16` takes on CPUs without AMX (AVX512-BF16 dot products at twice the FMA's multiply-adds):
+# "high"'s three bf16 products would take longer than MKL's one float32 product, so it stays float32 there.
+# (Measured on a Zen 4 VM, 2 threads, against MKL's float32 GEMM: "medium" 2.0-2.9x from 32 rows on K-major
+# weights, 1.2-1.3x at 64 rows and 1.5x at 128 on row-major ones, whose pack transposes; "high" 0.8-0.95x.)
+DOT_PRECISIONS = ("medium",)
+DOT_MIN_ROWS = 64
 
 
 def amx_available() -> bool:
@@ -550,11 +559,32 @@ def amx_available() -> bool:
     return lib is not None and lib.nm3_amx_init() == 1
 
 
+def bf16_dot_available() -> bool:
+    """Whether this build runs `matmul_bf16` without AMX, on AVX512-BF16 dot products (AMD Zen 4, Cooper Lake)."""
+    lib = library()
+    return lib is not None and lib.nm3_bf16_dot_available() == 1
+
+
+def allow_amx(on: bool) -> None:
+    """Let `matmul_bf16` use AMX where it runs (the default), or not: then the AVX512-BF16 products (tests)."""
+    global _amx_allowed
+    lib = library()
+    if lib is not None:
+        lib.nm3_bf16_allow_amx(int(on))
+    _amx_allowed = on
+
+
+def bf16_matmul_kind() -> str | None:
+    """Which products `matmul_bf16` runs here: "amx", "avx512_bf16" (only "medium": see matmul_bf16), or None."""
+    return "amx" if _amx_allowed and amx_available() else "avx512_bf16" if bf16_dot_available() else None
+
+
 def matmul_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, out: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """F.linear(x, weight, bias) on AMX tiles under a reduced float32 matmul precision ("high": three bf16
     products, ~1e-5 relative; "medium": one) for at least AMX_MIN_ROWS rows, or None when it does not apply.
+    Without AMX, the precisions of DOT_PRECISIONS run on AVX512-BF16 dot products where the CPU has them.
     weight [N, K] float32 or bfloat16, K-major (the engine's Linear storage) or row-major (nn.Linear's, the
     stacked experts'); x [..., K] float32 with unit stride in K. out: a contiguous float32 [..., N] to write
     (benchmarks time the product without the allocation), else a new tensor."""
@@ -571,7 +601,13 @@ def matmul_bf16(
     else:
         return None
     rows = x.numel() // K
-    if rows < (AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS) or lib.nm3_amx_init() != 1:
+    if _amx_allowed and lib.nm3_amx_init() == 1:
+        min_rows = AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS
+    elif precision in DOT_PRECISIONS and lib.nm3_bf16_dot_available() == 1:
+        min_rows = DOT_MIN_ROWS
+    else:
+        return None
+    if rows < min_rows:
         return None
     shape = (*x.shape[:-1], N)
     x2 = x if x.dim() == 2 else x.reshape(rows, K)

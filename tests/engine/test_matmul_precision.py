@@ -59,3 +59,31 @@ def test_high_tracks_float32_and_medium_visibly_does_not(model, monkeypatch):
     assert (high_logps - logps).abs().max() < 1e-3
     _, medium_logps = run(model, "medium")
     assert (medium_logps - logps).abs().max() > 10 * (high_logps - logps).abs().max()
+
+
+@pytest.mark.skipif(not native.bf16_dot_available(), reason="no AVX512-BF16 here: every precision runs float32")
+def test_without_amx_medium_runs_bf16_dot_products_and_high_stays_float32(model, monkeypatch):
+    """Without AMX (an AMX CPU is made to go without), "medium" takes the AVX512-BF16 products for the long
+    prompts' GEMMs and moves the logprobs by bf16 rounding; "high", whose three products would cost more than
+    float32 there, is float32 bit for bit. (The largest logprob change was 3e-3 here; 0.05 leaves room.)"""
+    native.allow_amx(False)
+    try:
+        tokens, logps = run(model, "highest")
+        calls = []
+        dot = native.matmul_bf16
+
+        def counted(x, *args):
+            out = dot(x, *args)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(native, "matmul_bf16", counted)
+        high_tokens, high_logps = run(model, "high")
+        assert calls and not any(calls)
+        assert high_tokens == tokens and torch.equal(high_logps, logps)
+        _, medium_logps = run(model, "medium")
+        assert any(calls)
+        diff = (medium_logps - logps).abs().max().item()
+        assert 1e-5 < diff < 0.05, diff
+    finally:
+        native.allow_amx(True)

@@ -1,4 +1,5 @@
-"""kernels/cpu_amx.c: float32 matrix products on AMX tiles under torch's reduced matmul precisions.
+"""kernels/cpu_amx.c: float32 matrix products on AMX tiles, or AVX512-BF16 dot products, under torch's reduced
+matmul precisions. Each test runs on every kernel this CPU has (an AMX CPU has both).
 
 Reference: float64. The bound is the split's: with v = hi + lo + e (hi, lo bfloat16, round-to-nearest-even,
 u = 2⁻⁸), |lo| ≤ u·|v| and |e| ≤ u²·|v|, so "high" (hi·hi + lo·hi + hi·lo) drops terms of at most 3u²·|x||w| per
@@ -17,19 +18,30 @@ from nemotron3.kernels import native
 from nemotron3.model import fused
 from tests.kernels.test_native import k_major
 
-needs_amx = pytest.mark.skipif(not native.amx_available(), reason="no AMX here (CPU, compiler or kernel)")
+KINDS = [k for k, here in (("amx", native.amx_available()), ("avx512_bf16", native.bf16_dot_available())) if here]
 U = 2.0**-8
 DROPPED = {("high", torch.float32): 3 * U * U, ("high", torch.bfloat16): U * U,
            ("medium", torch.float32): 2 * U + U * U, ("medium", torch.bfloat16): U}  # fmt: skip
 
 
-@needs_amx
+@pytest.fixture(params=["amx", "avx512_bf16"])
+def kind(request, monkeypatch):
+    """One bf16 product kernel, taking every precision and row count: the kernel, not the policy."""
+    if request.param not in KINDS:
+        pytest.skip(f"no {request.param} here (CPU, compiler or kernel)")
+    monkeypatch.setattr(native, "AMX_MIN_ROWS_ROW_MAJOR", native.AMX_MIN_ROWS)
+    monkeypatch.setattr(native, "DOT_PRECISIONS", ("high", "medium"))
+    native.allow_amx(request.param == "amx")
+    assert native.bf16_matmul_kind() == request.param
+    yield request.param
+    native.allow_amx(True)
+
+
 @pytest.mark.parametrize(("M", "K", "N"), [(256, 50, 70), (300, 96, 600), (257, 1024, 33), (512, 33, 1030)])
 @pytest.mark.parametrize("precision", ["high", "medium"])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["f32w", "bf16w"])
 @pytest.mark.parametrize("layout", ["k_major", "row_major"])
-def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype, layout, monkeypatch):
-    monkeypatch.setattr(native, "AMX_MIN_ROWS_ROW_MAJOR", native.AMX_MIN_ROWS)  # the kernel, not the policy
+def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_dtype, layout, kind):
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g).to(w_dtype)
@@ -46,8 +58,7 @@ def test_matmul_bf16_is_within_the_split_bound_of_float64(M, K, N, precision, w_
         assert (err <= tol).all(), f"{precision} {w_dtype}: worst err/bound {(err / tol).max():.3g}"
 
 
-@needs_amx
-def test_high_is_closer_than_medium_and_float32_closer_still():
+def test_high_is_closer_than_medium_and_float32_closer_still(kind):
     """The bound above is not loose enough to hide a dropped term: the three precisions order as they should."""
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(256, 512, generator=g), k_major(torch.randn(128, 512, generator=g))
@@ -57,9 +68,7 @@ def test_high_is_closer_than_medium_and_float32_closer_still():
     assert err["highest"] < err["high"] < err["medium"] / 50
 
 
-@needs_amx
-def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a_stack(monkeypatch):
-    monkeypatch.setattr(native, "AMX_MIN_ROWS_ROW_MAJOR", native.AMX_MIN_ROWS)
+def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a_stack(kind):
     g = torch.Generator().manual_seed(3)
     store = torch.randn(64, 300, generator=g)  # [K, Σ N_i], as model/fused.py stacks matrices
     w = store[:, 40:250].t()  # [210, 64], stride (1, 300)
@@ -79,30 +88,39 @@ def test_matmul_bf16_reads_batched_rows_a_fused_storage_slice_and_an_expert_of_a
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels not built")
-def test_matmul_bf16_declines_what_it_does_not_take():
-    x = torch.randn(native.AMX_MIN_ROWS, 32)
-    w = k_major(torch.randn(16, 32))
-    assert native.matmul_bf16(x, w, None, "highest") is None  # float32 stays with MKL
-    assert native.matmul_bf16(x[:-1], w, None, "high") is None  # too few rows to repay the packing
-    rows_major = torch.randn(16, 32)  # row-major packs transpose: they need AMX_MIN_ROWS_ROW_MAJOR rows
-    big = torch.randn(native.AMX_MIN_ROWS_ROW_MAJOR, 32)
-    assert native.matmul_bf16(big[:-1], rows_major, None, "high") is None
-    if native.amx_available():
-        assert native.matmul_bf16(big, rows_major, None, "high") is not None
-    assert native.matmul_bf16(x, k_major(torch.randn(32, 32))[::2], None, "high") is None  # neither layout
-    assert native.matmul_bf16(x.double(), w.double(), None, "high") is None
-    assert native.matmul_bf16(x[:, :16], w, None, "high") is None  # K mismatch
-    w.requires_grad_(True)
-    assert native.matmul_bf16(x, w, None, "high") is None  # autograd records through w
-    if native.amx_available():
+@pytest.mark.parametrize("allow_amx", [True, False], ids=["amx_allowed", "amx_disallowed"])
+def test_matmul_bf16_declines_what_it_does_not_take(allow_amx):
+    native.allow_amx(allow_amx)
+    try:
+        kind = native.bf16_matmul_kind()
+        precision = "high" if kind == "amx" else "medium"  # without AMX, "high" stays float32 (DOT_PRECISIONS)
+        least = native.AMX_MIN_ROWS if kind == "amx" else native.DOT_MIN_ROWS
+        x = torch.randn(least, 32)
+        w = k_major(torch.randn(16, 32))
+        assert native.matmul_bf16(x, w, None, "highest") is None  # float32 stays with MKL
+        assert (native.matmul_bf16(x, w, None, precision) is not None) == (kind is not None)
+        assert native.matmul_bf16(x[:-1], w, None, precision) is None  # too few rows to repay the packing
+        if kind == "avx512_bf16":
+            assert native.matmul_bf16(x, w, None, "high") is None
+        rows_major = torch.randn(16, 32)  # row-major packs transpose: on AMX they need AMX_MIN_ROWS_ROW_MAJOR rows
+        big = torch.randn(native.AMX_MIN_ROWS_ROW_MAJOR, 32)
+        assert (native.matmul_bf16(big[:-1], rows_major, None, precision) is None) == (kind != "avx512_bf16")
+        assert (native.matmul_bf16(big, rows_major, None, precision) is not None) == (kind is not None)
+        assert native.matmul_bf16(x, k_major(torch.randn(32, 32))[::2], None, precision) is None  # neither layout
+        assert native.matmul_bf16(x.double(), w.double(), None, precision) is None
+        assert native.matmul_bf16(x[:, :16], w, None, precision) is None  # K mismatch
+        w.requires_grad_(True)
+        assert native.matmul_bf16(x, w, None, precision) is None  # autograd records through w
         with torch.no_grad():
-            assert native.matmul_bf16(x, w, None, "high") is not None
+            assert (native.matmul_bf16(x, w, None, precision) is not None) == (kind is not None)
+    finally:
+        native.allow_amx(True)
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels not built")
 def test_fast_path_applies_the_precision_and_restores_it():
     """fused.linear is F.linear bit for bit under "highest" (the default) and after a nested reduced-precision
-    block ends; inside one it takes the AMX product where the CPU has it."""
+    block ends; inside one it takes the bf16 product where the CPU has one (AMX, or AVX512-BF16 for "medium")."""
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(300, 64, generator=g), k_major(torch.randn(48, 64, generator=g))
     exact = F.linear(x, w)
@@ -111,4 +129,4 @@ def test_fast_path_applies_the_precision_and_restores_it():
         with fused.fast_path("medium"):
             reduced = fused.linear(x, w)
         assert torch.equal(fused.linear(x, w), exact)
-    assert torch.equal(reduced, exact) != native.amx_available()
+    assert torch.equal(reduced, exact) != (native.bf16_matmul_kind() is not None)
