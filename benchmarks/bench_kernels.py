@@ -17,9 +17,9 @@ and the median is reported:
                chunk and group; entering state, intra-chunk mix and state update per chunk and head);
                causal GQA attention of a nemo50 / nemo300 layer at 2048 tokens, and of the 4th 2048-token chunk of
                an 8192-token nemo50 prompt: torch's `sdpa` (a boolean mask for the chunk) and nm3_prefill_attention
-    AMX        (CPUs with AMX) at the GEMM shapes: torch's bfloat16 `mm` (oneDNN on AMX tiles: the bf16 ceiling) and
-               nm3_matmul_bf16 under matmul_precision "high" (three bf16 products) and "medium" (one), packing
-               included, over the engine's K-major weight; FLOPs counted as one float32 GEMM's
+    bf16       (CPUs with AMX or AVX512-BF16) at the GEMM shapes: torch's bfloat16 `mm` (oneDNN: the bf16 ceiling)
+               and nm3_matmul_bf16 under matmul_precision "high" (three bf16 products, AMX only) and "medium"
+               (one), packing included, over the engine's K-major weight; FLOPs counted as one float32 GEMM's
 
 Writes benchmarks/results/kernels.json and kernels.png (matplotlib, from `pip install -e .[bench]`).
 """
@@ -172,19 +172,22 @@ def add_ceilings(bench: Bench, s: Shapes) -> None:
                   shape=[m, k, n])  # fmt: skip
 
 
-def add_amx(bench: Bench, s: Shapes) -> None:
-    """The AMX rows (none where the CPU, compiler or kernel has no AMX)."""
-    if not native.amx_available():
+def add_bf16(bench: Bench, s: Shapes) -> None:
+    """The bf16 product rows: both precisions on AMX, "medium" on AVX512-BF16 dot products (DOT_PRECISIONS)
+    without it, none where the CPU, compiler or kernel has neither."""
+    kind = native.bf16_matmul_kind()
+    if kind is None:
         return
+    precisions = ("high", "medium") if kind == "amx" else native.DOT_PRECISIONS
     for name, m, k, n in s.gemm:
         a, w = torch.randn(m, k), torch.randn(n, k).t().contiguous().t()  # the engine's K-major storage
         a16, w16 = a.bfloat16(), torch.randn(k, n).bfloat16()
         size = {"flops": 2.0 * m * k * n, "shape": [m, k, n]}
         bench.add(f"torch bf16 mm {name}", lambda a=a16, w=w16: torch.mm(a, w), **size)
         out = torch.empty(m, n)  # as the MKL row: the product, not a fresh 42 MB output's page faults
-        for precision in ("high", "medium"):
+        for precision in precisions:
             product = lambda a=a, w=w, p=precision, out=out: native.matmul_bf16(a, w, None, p, out=out)  # noqa: E731
-            bench.add(f"nm3_matmul_bf16 {precision} {name}", product, **size)
+            bench.add(f"nm3_matmul_bf16 {precision} ({kind}) {name}", product, **size)
 
 
 def add_decode(bench: Bench, s: Shapes, evict: Callable[[], object]) -> None:
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         add_ceilings(bench, shapes)
         add_decode(bench, shapes, evict_buf.sum)
         add_prefill(bench, shapes)
-        add_amx(bench, shapes)
+        add_bf16(bench, shapes)
         t0 = time.perf_counter()
         bench.run(reps)
     rows = summarize(bench)

@@ -228,7 +228,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "(vLLM's flag; the replay is the CPU counterpart of CUDA graphs)")  # fmt: skip
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
                    help="prefill GEMMs, as torch.set_float32_matmul_precision: high / medium run them on AMX "
-                        "tiles where the CPU has them (bf16 products; docs/benchmarks.md)")  # fmt: skip
+                        "tiles where the CPU has them, medium on AVX512-BF16 dot products without AMX (bf16 "
+                        "products; docs/benchmarks.md)")  # fmt: skip
 
 
 def _add_prefix_caching_flag(p: argparse.ArgumentParser, default: bool | None) -> None:

@@ -83,7 +83,9 @@ def test_bench_engine_smoke(bench_engine, tmp_path, capsys):
         for L in ("32", "64"):
             assert res["prefill"][m][L]["speedup_vs_hf"] > 0
             arms = {k for k in res["prefill"][m][L] if k.startswith("ours_matmul_")}
-            assert arms == ({"ours_matmul_high", "ours_matmul_medium"} if native.amx_available() else set())
+            kind = native.bf16_matmul_kind()  # AMX: both reduced precisions; AVX512-BF16 alone: "medium"
+            expected = {"amx": {"high", "medium"}, "avx512_bf16": set(native.DOT_PRECISIONS), None: set()}[kind]
+            assert arms == {f"ours_matmul_{p}" for p in expected}
     for run in data["raw"]:  # the arm's engine really ran under the precision it is reported for
         if run["spec"].get("matmul_precision"):
             assert run["engine_options"]["matmul_precision"] == run["spec"]["matmul_precision"]
@@ -125,8 +127,9 @@ def test_bench_kernels_smoke(bench_kernels, tmp_path):
     assert rows["nm3_ssd_scan tiny"]["gflop_per_s"] > 0 and rows["sdpa causal tiny"]["fraction_of_mkl_gemm"] > 0
     assert rows["nm3_prefill_attention tiny chunk"]["flops"] == rows["sdpa causal tiny chunk"]["flops"] > 0
     assert rows["MKL GEMM tiny"]["flops"] == 2.0 * 256 * 32 * 48
-    if native.amx_available():
-        assert rows["nm3_matmul_bf16 high tiny"]["fraction_of_mkl_gemm"] > 0
+    kind = native.bf16_matmul_kind()
+    if kind is not None:
+        assert rows[f"nm3_matmul_bf16 medium ({kind}) tiny"]["fraction_of_mkl_gemm"] > 0
 
 
 def test_scan_flop_count_matches_a_direct_count(bench_kernels):

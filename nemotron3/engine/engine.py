@@ -61,7 +61,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # torch.set_float32_matmul_precision's names, for the engine's prefill GEMMs (≥ 128 rows) on CPUs with AMX
     # (kernels/cpu_amx.c): "highest" float32 (the default); "high" three bfloat16 products per float32 product
-    # (~1e-5 relative); "medium" one (bfloat16 inputs, ~3e-3). Decode steps and CPUs without AMX: float32.
+    # (~1e-5 relative); "medium" one (bfloat16 inputs, ~3e-3). Without AMX, "medium" runs on AVX512-BF16 dot
+    # products (≥ 64 rows) where the CPU has them, "high" stays float32. Decode steps: float32.
     matmul_precision: str = "highest"
     # vLLM's name: keep full K/V blocks, and Mamba states at a few block ends, after requests finish, so a prompt
     # that starts with cached tokens (a shared system prompt, the next turn of a chat, a resubmission, a recompute

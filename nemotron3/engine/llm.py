@@ -30,7 +30,8 @@ class LLM:
     kv_cache_dtype="bfloat16" stores K/V in bf16 (twice the tokens per budget); enable_prefix_caching=True keeps
     finished requests' blocks and some Mamba states for prompts that start alike (prefix_cache_states: how many
     states; engine/prefix_cache.py); matmul_precision="high" or
-    "medium" (torch.set_float32_matmul_precision's names) runs prefill GEMMs on AMX tiles where the CPU has them.
+    "medium" (torch.set_float32_matmul_precision's names) runs prefill GEMMs on AMX tiles where the CPU has them;
+    without AMX, "medium" runs them on AVX512-BF16 dot products where the CPU has those.
     speculative_config: {"method": "mtp" (or "nemotron_h_mtp"), "num_speculative_tokens": k} drafts k
     tokens per step with the model's MTP block and verifies them losslessly (docs/speculative.md).
     """

@@ -29,7 +29,8 @@ def fast_path(matmul_precision: str = "highest") -> Iterator[None]:
     Everything else (training, teacher scoring, a plain `model(ids)`) keeps the reference op sequence, so
     two forwards of the same model agree bit for bit whether autograd records or not. matmul_precision:
     torch.set_float32_matmul_precision's names; "high" / "medium" let prefill GEMMs run on AMX tiles
-    (kernels/cpu_amx.c) where the CPU has them, "highest" keeps float32 GEMMs."""
+    (kernels/cpu_amx.c) where the CPU has them ("medium" also on AVX512-BF16 dot products), "highest" keeps
+    float32 GEMMs."""
     previous = getattr(_state, "on", False), getattr(_state, "precision", "highest")
     _state.on, _state.precision = True, matmul_precision
     try:
@@ -49,9 +50,9 @@ def fast_path_precision() -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
-    applies (a few rows, float32 x, K-major float32 or bfloat16 weight), or its AMX GEMM for many rows under a
-    reduced matmul precision; otherwise torch's own. A weight stored in another dtype than x (the engine's
-    weight-only bf16, engine/runner.py) is widened exactly first."""
+    applies (a few rows, float32 x, K-major float32 or bfloat16 weight), or its bf16 GEMM (AMX or AVX512-BF16)
+    for many rows under a reduced matmul precision; otherwise torch's own. A weight stored in another dtype than
+    x (the engine's weight-only bf16, engine/runner.py) is widened exactly first."""
     if fast_path_on():
         out = native.linear(x, weight, bias)
         if out is None and _state.precision != "highest":

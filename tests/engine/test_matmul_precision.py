@@ -1,4 +1,5 @@
-"""matmul_precision (torch.set_float32_matmul_precision's names): prefill GEMMs on AMX tiles where the CPU has them.
+"""matmul_precision (torch.set_float32_matmul_precision's names): prefill GEMMs on AMX tiles, or AVX512-BF16 dot
+products ("medium" only), where the CPU has them.
 
 Reference: the same model under "highest" (float32 GEMMs). "high" differs from it by the bf16 split's ~1e-5 of
 |x|·|w| per product (tests/kernels/test_amx.py), which moves a chosen token's logprob by far less than 1e-3 here;
