@@ -6,11 +6,11 @@
 Scenario: GRPO rollouts. train/rl.py asks for `group_size` completions of each prompt with SamplingParams(n=...).
 Per prompt length: one LLM.generate of `--prompts` random prompts × `--n` samples (temperature 1, seeded,
 ignore_eos, `--max-tokens` each), on one engine that forks (the default: the first sample prefills, the others
-copy its cache, HybridCache.fork) and one with `engine.fork_samples = False` (every sample prefills its own copy
+fork its cache, HybridCache.fork: its state copied, its full K/V blocks shared) and one with `engine.fork_samples = False` (every sample prefills its own copy
 of the prompt: the engine before forking). Both engines hold the same random-weight model (init_weights, seed 0)
 in one process and run interleaved A/B/B/A, `--reps` pairs; cells are medians. Also counted: the prompt tokens
-each run feeds the model, and whether both engines drew the same tokens (they must: a fork copies bit for bit the
-state the sample's own prefill computes).
+each run feeds the model, the most K/V blocks the sequences held after any step, and whether both engines drew the
+same tokens (they must: a fork copies bit for bit the state the sample's own prefill computes).
 
 Predicted, nemo50 fp32 on the 2-vCPU VM (prefill ~8,500 tok/s at 2048, ~1,000 generated tok/s at 32 rows):
 4 prompts × 8 samples × 512 tokens is 16,384 prompt tokens without forking (~2 s) and 2,048 with it (~0.25 s),
@@ -39,25 +39,33 @@ from nemotron3 import SamplingParams
 from nemotron3.bench import make_llm
 
 
-def counted(llm) -> list[int]:
-    """Hook the engine's runner: the list gets the prompt (non-decode) tokens each step feeds the model."""
-    fed, step = [], llm.engine.runner.step
+def counted(llm) -> dict[str, list[int]]:
+    """Hook the engine's runner: "fed" gets the prompt (non-decode) tokens each step feeds the model, "held" the
+    K/V blocks the sequences hold after each step (the pool less its free blocks)."""
+    log: dict[str, list[int]] = {"fed": [], "held": []}
+    step, cache = llm.engine.runner.step, llm.engine.cache
 
     def counting_step(segments):
-        fed.append(sum(len(s.tokens) for s in segments if not s.decode))
-        return step(segments)
+        log["fed"].append(sum(len(s.tokens) for s in segments if not s.decode))
+        out = step(segments)
+        log["held"].append(cache.num_blocks - len(cache.free_blocks))
+        return out
 
     llm.engine.runner.step = counting_step
-    return fed
+    return log
 
 
-def one_run(llm, fed: list[int], prompts: list[list[int]], params: SamplingParams) -> dict:
-    fed.clear()
+def one_run(llm, log: dict[str, list[int]], prompts: list[list[int]], params: SamplingParams) -> dict:
+    for v in log.values():
+        v.clear()
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     wall = time.perf_counter() - t0
     tokens = [c.token_ids for o in outs for c in o.outputs]
-    return {"wall_s": wall, "prompt_tokens_fed": sum(fed), "generated": sum(map(len, tokens)), "tokens": tokens}
+    return {
+        "wall_s": wall, "prompt_tokens_fed": sum(log["fed"]), "peak_blocks_held": max(log["held"]),
+        "generated": sum(map(len, tokens)), "tokens": tokens,
+    }  # fmt: skip
 
 
 def cell(model, prompt_len: int, args) -> dict:
@@ -88,6 +96,9 @@ def cell(model, prompt_len: int, args) -> dict:
         "forked_runs_s": [r["wall_s"] for r in runs[True]], "prefilled_runs_s": [r["wall_s"] for r in runs[False]],
         "prompt_tokens_fed": {"forked": runs[True][0]["prompt_tokens_fed"],
                               "prefilled": runs[False][0]["prompt_tokens_fed"]},
+        "peak_blocks_held": {"forked": max(r["peak_blocks_held"] for r in runs[True]),
+                             "prefilled": max(r["peak_blocks_held"] for r in runs[False]),
+                             "block_size": engines[True][0].engine.cache.block_size},
         "generated_tokens": runs[True][0]["generated"],
         "tokens_identical": same,
     }  # fmt: skip
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         c = cells[-1]
         fed, same = c["prompt_tokens_fed"], c["tokens_identical"]
         print(f"{args.model} @{n}: forked {c['forked_s']:.2f} s, prefilled {c['prefilled_s']:.2f} s "
-              f"({c['speedup']:.2f}×); prompt tokens fed {fed}; same tokens: {same}", flush=True)  # fmt: skip
+              f"({c['speedup']:.2f}×); prompt tokens fed {fed}; peak K/V blocks held {c['peak_blocks_held']}; "
+              f"same tokens: {same}", flush=True)  # fmt: skip
     result = {"model": args.model, "threads": args.threads, "budget": args.budget, "cells": cells,
               "machine": C.machine_info()}  # fmt: skip
     return C.write_results(args.out, result, plot)

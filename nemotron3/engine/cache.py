@@ -187,6 +187,9 @@ class HybridCache:
             dtype=ssm_dtype, device=device,
         )  # fmt: skip
         self.free_blocks = FreeList(self.num_blocks)
+        # Blocks that several sequences hold, block id -> holders (>= 2): a fork shares its parent's full blocks
+        # (a full block is never written again) when no prefix cache does; the last holder frees it.
+        self.block_holders: dict[int, int] = {}
         self.free_slots = FreeList(cache_config.max_num_seqs)  # running sequences' slots
         self.free_snapshots = FreeList(snapshots, first=cache_config.max_num_seqs)  # prefix-cache states
         self.has_attention = n_planes > 0
@@ -253,20 +256,34 @@ class HybridCache:
             self.prefix.evict_blocks(n - len(self.free_blocks))
         return self.free_blocks.take(n)
 
+    def _shared_tokens(self, parent: SeqCache) -> int:
+        """Tokens of `parent` a fork shares rather than copies: its cached blocks', or without a prefix cache
+        all its full blocks'."""
+        if self.prefix is not None or not self.has_attention:
+            return len(parent.nodes) * self.block_size
+        return parent.num_tokens // self.block_size * self.block_size
+
     def can_fork(self, parent: SeqCache) -> bool:
-        """Whether a free slot and enough free blocks remain to copy `parent` (fork)."""
-        shared = len(parent.nodes) * self.block_size
-        return bool(len(self.free_slots)) and self.blocks_needed(None, parent.num_tokens - shared) <= self.available_blocks()
+        """Whether a free slot and enough free blocks remain to fork `parent` (its unshared blocks copied)."""
+        need = self.blocks_needed(None, parent.num_tokens - self._shared_tokens(parent))
+        return bool(len(self.free_slots)) and need <= self.available_blocks()
 
     def fork(self, parent: SeqCache) -> SeqCache:
-        """A new sequence holding a copy of `parent`'s cache: a slot of its own with the parent's conv window and SSM
-        state, and blocks of its own with the parent's K/V (the cached full blocks are shared instead). The n
-        samples of a prompt prefill it once and fork (engine.py); a copy costs the state and K/V bytes (~2 MB for
-        nemo50 at 2,048 tokens), a prefill the model."""
+        """A new sequence holding `parent`'s cache: a slot of its own with the parent's conv window and SSM state;
+        the parent's full K/V blocks shared (through the prefix cache's nodes where it runs, else counted in
+        block_holders) and its partial last block copied into one of its own. The n samples of a prompt
+        prefill it once and fork (engine.py): a fork costs one state and at most one block, not the prompt's
+        K/V again."""
         if not self.can_fork(parent):
             raise MemoryError("no free slot or blocks to fork a sequence into")
         child = self.open(parent.nodes, state_from=parent.slot)
-        shared = child.num_tokens
+        shared = self._shared_tokens(parent)
+        if shared > child.num_tokens:  # no prefix cache: hold the parent's full blocks too
+            blocks = parent.blocks[: shared // self.block_size]
+            for b in blocks:
+                self.block_holders[b] = self.block_holders.get(b, 1) + 1
+            child.add_blocks(blocks)
+            child.num_tokens = shared
         self.grow(child, parent.num_tokens - shared)
         child.num_tokens = parent.num_tokens
         if self.has_attention and parent.num_tokens > shared:
@@ -275,13 +292,26 @@ class HybridCache:
             self.v[:, :, dst] = self.v[:, :, src]
         return child
 
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Let go of blocks a sequence held: back to the free list, or one holder fewer where shared."""
+        free = []
+        for b in blocks:
+            holders = self.block_holders.get(b)
+            if holders is None:
+                free.append(b)
+            elif holders == 2:
+                del self.block_holders[b]
+            else:
+                self.block_holders[b] = holders - 1
+        self.free_blocks.give(free)
+
     def close(self, seq: SeqCache) -> None:
         """Return a sequence's slot and own blocks to the pools; its cached blocks stay cached."""
         private = seq.clear()[len(seq.nodes) :] if self.has_attention else []
         if seq.nodes:
             self.prefix.release(seq.nodes)
             seq.nodes, seq.tail = [], None
-        self.free_blocks.give(private)
+        self.release_blocks(private)
         self.free_slots.give([seq.slot])
         seq.slot = -1
 

@@ -547,7 +547,7 @@ class SpeculativeEngine(LLMEngine):
             s.cache.num_tokens = starts[s] + keep[k]
             need = -(-s.cache.num_tokens // bs) if self.cache.has_attention else 0
             if len(s.cache.blocks) > need:  # blocks that held only rejected positions go back to the pool
-                self.cache.free_blocks.give(s.cache.truncate(need))
+                self.cache.release_blocks(s.cache.truncate(need))
 
     # ------------------------------------------------------------------ drafter catch-up
     def _catch_up(self, new_rows: list[tuple[Sequence, int, int]], starts: dict, hidden: torch.Tensor) -> None:

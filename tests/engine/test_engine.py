@@ -124,7 +124,7 @@ def wide_random_model(seed: int, config: ModelConfig = CONFIG) -> NemotronHForCa
 
 
 def assert_pools_empty(engine: LLMEngine) -> None:
-    assert len(engine.cache.free_blocks) == engine.cache.num_blocks
+    assert len(engine.cache.free_blocks) == engine.cache.num_blocks and not engine.cache.block_holders
     assert len(engine.cache.free_slots) == engine.config.max_num_seqs
     assert not engine.scheduler.running and not engine.scheduler.waiting
 

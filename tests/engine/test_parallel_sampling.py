@@ -71,12 +71,14 @@ def test_forked_samples_draw_what_prefilled_ones_draw(models, prompt, options):
 def test_samples_without_room_to_fork_prefill_themselves(models, prompt):
     cfg = EngineConfig(block_size=8, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64)
     engine = LLMEngine(models[1], config=cfg)
-    engine.cache.free_blocks.take(engine.cache.num_blocks - 6)  # 48 K/V tokens: a fork (4 blocks) does not fit
+    # 32 K/V tokens: the first sample's prompt and 3 new tokens fill 4 blocks, leaving none for a fork's copy of
+    # the partial last block (its 3 full blocks it would share)
+    engine.cache.free_blocks.take(engine.cache.num_blocks - 4)
     fed = counting(engine)
     engine.add_request("r", prompt, SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True))
     out = run(engine)["r"]
     assert out.outputs[0].token_ids == out.outputs[1].token_ids and sum(fed) == 2 * len(prompt)
-    assert len(engine.cache.free_blocks) == 6 and len(engine.cache.free_slots) == 4
+    assert len(engine.cache.free_blocks) == 4 and len(engine.cache.free_slots) == 4
 
 
 def test_aborting_while_samples_wait_for_the_prompt_frees_everything(models, prompt):
@@ -89,14 +91,19 @@ def test_aborting_while_samples_wait_for_the_prompt_frees_everything(models, pro
     assert_pools_empty(engine)
 
 
-def test_a_fork_copies_state_and_kv_into_its_own_slot_and_blocks(models, prompt):
+def test_a_fork_shares_full_blocks_and_copies_state_and_the_last_block(models, prompt):
+    """Without a prefix cache a fork holds its parent's 3 full blocks (29 tokens, blocks of 8) and copies the
+    partial 4th; the shared blocks go back to the pool only when both have let go."""
     engine = LLMEngine(models[1], config=EngineConfig(block_size=8))
     cache = engine.cache
     engine.add_request("s", prompt, SamplingParams(max_tokens=2))
     engine.step()  # the prompt is in the cache
     parent = engine.requests["s"].seqs[0].cache
+    free = len(cache.free_blocks)
     child = cache.fork(parent)
-    assert child.slot != parent.slot and not set(child.blocks) & set(parent.blocks)
+    assert child.slot != parent.slot and child.blocks[:3] == parent.blocks[:3]
+    assert child.blocks[3] not in parent.blocks and len(cache.free_blocks) == free - 1
+    assert cache.block_holders == {b: 2 for b in parent.blocks[:3]}
     assert child.num_tokens == parent.num_tokens and len(child.blocks) == -(-parent.num_tokens // 8)
     for pool in (cache.conv, cache.ssm):
         assert torch.equal(pool[:, child.slot], pool[:, parent.slot])
@@ -108,7 +115,11 @@ def test_a_fork_copies_state_and_kv_into_its_own_slot_and_blocks(models, prompt)
         cache.v[:, :, mine], cache.v[:, :, theirs]
     )
     assert cache.k[:, :, theirs].abs().sum() > 0
+    grandchild = cache.fork(child)  # three holders now
+    assert cache.block_holders == {b: 3 for b in parent.blocks[:3]} and grandchild.blocks[:3] == parent.blocks[:3]
     cache.close(child)
+    cache.close(grandchild)
+    assert not cache.block_holders and len(cache.free_blocks) == free
 
 
 def fork_run(models, prompt, plan: list[tuple[str, str | None, list[int] | None]], abort: str | None = None):
@@ -161,3 +172,20 @@ def test_a_request_that_scores_its_prompt_prefills_it_even_with_fork_of(models, 
     engine.add_request("b", prompt, SamplingParams(max_tokens=2, prompt_logprobs=1), fork_of="a")
     out = run(engine)["b"]
     assert sum(fed) == 2 * len(prompt) and len(out.prompt_logprobs) == len(prompt)
+
+
+def test_samples_share_the_prompts_blocks_in_a_pool_too_small_for_copies(models, prompt):
+    """4 samples of a 29-token prompt (blocks of 8), 3 new tokens each: shared, they need 3 + 4 blocks; copied,
+    16. With 8 blocks free they all fork from one prefill and draw what they draw in a roomy pool."""
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=3, ignore_eos=True, seed=11)
+    cfg = EngineConfig(block_size=8, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64)
+    roomy = LLMEngine(models[1], config=cfg)
+    roomy.add_request("r", prompt, params)
+    expected = [o.token_ids for o in run(roomy)["r"].outputs]
+    engine = LLMEngine(models[1], config=cfg)
+    engine.cache.free_blocks.take(engine.cache.num_blocks - 8)
+    fed = counting(engine)
+    engine.add_request("r", prompt, params)
+    out = run(engine)["r"]
+    assert [o.token_ids for o in out.outputs] == expected and sum(fed) == len(prompt)
+    assert len(engine.cache.free_blocks) == 8 and not engine.cache.block_holders
