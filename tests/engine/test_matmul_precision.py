@@ -42,18 +42,23 @@ def test_bad_matmul_precision_is_rejected(model):
         LLMEngine(copy.deepcopy(model), config=EngineConfig(kv_cache_memory_bytes=8 << 20, matmul_precision="tf32"))
 
 
-@pytest.mark.skipif(not native.amx_available(), reason="no AMX here: every precision runs float32 GEMMs")
-def test_high_tracks_float32_and_medium_visibly_does_not(model, monkeypatch):
-    tokens, logps = run(model, "highest")
-    calls = []
-    amx = native.matmul_bf16
+def bf16_calls(monkeypatch) -> list[bool]:
+    """Records, call by call, whether native.matmul_bf16 ran (True) or declined (False)."""
+    calls, product = [], native.matmul_bf16
 
     def counted(x, *args):
-        out = amx(x, *args)
+        out = product(x, *args)
         calls.append(out is not None)
         return out
 
     monkeypatch.setattr(native, "matmul_bf16", counted)
+    return calls
+
+
+@pytest.mark.skipif(not native.amx_available(), reason="no AMX here: every precision runs float32 GEMMs")
+def test_high_tracks_float32_and_medium_visibly_does_not(model, monkeypatch):
+    tokens, logps = run(model, "highest")
+    calls = bf16_calls(monkeypatch)
     high_tokens, high_logps = run(model, "high")
     assert sum(calls) > 0  # the long prompts' GEMMs took the AMX path
     assert high_tokens == tokens
@@ -70,15 +75,7 @@ def test_without_amx_medium_runs_bf16_dot_products_and_high_stays_float32(model,
     native.allow_amx(False)
     try:
         tokens, logps = run(model, "highest")
-        calls = []
-        dot = native.matmul_bf16
-
-        def counted(x, *args):
-            out = dot(x, *args)
-            calls.append(out is not None)
-            return out
-
-        monkeypatch.setattr(native, "matmul_bf16", counted)
+        calls = bf16_calls(monkeypatch)
         high_tokens, high_logps = run(model, "high")
         assert calls and not any(calls)
         assert high_tokens == tokens and torch.equal(high_logps, logps)
