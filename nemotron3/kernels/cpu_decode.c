@@ -520,8 +520,8 @@ void nm3_mamba_step(int64_t b, const int64_t *slots, const float *xbc, const flo
 #define ATT_TILE 64 /* keys per tile of the one-pass softmax: scores of a tile stay in L1 */
 /* Tiles ahead whose K and V rows a tile's value loop prefetches (into L2, prefetcht1). Without it the hardware
  * prefetcher alone left a 32k-key decode (nemo50: 32 MB of fp32 K/V) at ~14 GB/s, the compute of a tile and the
- * fetch of the next one taking turns; with it, 28-29 GB/s, the DRAM read bandwidth of 2 threads here (1, 2 and 3
- * tiles ahead measured alike; prefetching the whole next tile in one burst at the tile's start did not help). */
+ * fetch of the next one taking turns; with it, ~30 GB/s alone and 25-26 inside a step, near the DRAM read rate of
+ * 2 threads here (1 to 6 tiles ahead measured alike; the whole next tile in one burst at a tile's start did not help). */
 #define ATT_PREFETCH 2
 
 /* rows[i] = pool row offset (elements) of key a + i, i < n, for a sequence's block table: no division per key. */
