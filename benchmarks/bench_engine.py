@@ -610,8 +610,7 @@ def run_all(r: Runner, P: dict, log) -> dict:
 
     # (c) prefill, batch 1
     log("(c) prefill")
-    kind = native.bf16_matmul_kind()  # AMX: both reduced precisions; AVX512-BF16 alone: native.DOT_PRECISIONS
-    precisions = [p for p in P["amx_precisions"] if kind == "amx" or p in native.DOT_PRECISIONS] if kind else []
+    precisions = [p for p in P["amx_precisions"] if p in native.bf16_precisions()]
     arms = ("ours", "hf", *precisions)
     pre = {m: {L: {a: [] for a in arms} for L in P["prefill"]} for m in (M["hybrid"], M["big"])}
     for rep in range(P["reps"]):

@@ -175,10 +175,9 @@ def add_ceilings(bench: Bench, s: Shapes) -> None:
 def add_bf16(bench: Bench, s: Shapes) -> None:
     """The bf16 product rows: both precisions on AMX, "medium" on AVX512-BF16 dot products (DOT_PRECISIONS)
     without it, none where the CPU, compiler or kernel has neither."""
-    kind = native.bf16_matmul_kind()
-    if kind is None:
+    kind, precisions = native.bf16_matmul_kind(), native.bf16_precisions()
+    if not precisions:
         return
-    precisions = ("high", "medium") if kind == "amx" else native.DOT_PRECISIONS
     for name, m, k, n in s.gemm:
         a, w = torch.randn(m, k), torch.randn(n, k).t().contiguous().t()  # the engine's K-major storage
         a16, w16 = a.bfloat16(), torch.randn(k, n).bfloat16()

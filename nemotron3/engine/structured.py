@@ -43,7 +43,6 @@ _INT_PREFIX = re.compile(r"-?(?:0|[1-9]\d*)?")
 _INT_DONE = re.compile(r"-?(?:0|[1-9]\d*)")
 _NUM_PREFIX = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:(?<=\d)[eE][+-]?\d*)?)?")
 _NUM_DONE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_ESCAPES = set('"\\/bfnrt')
 _UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
@@ -236,7 +235,7 @@ def _step(stack: tuple, c: str) -> list[tuple]:
     if k == "S":  # ("S", min, max, characters so far, after a backslash, pattern automaton or None, its states)
         _, lo, hi, n, esc, rx, rs = top
         if esc:
-            if c not in _ESCAPES:
+            if c not in _UNESCAPE:  # JSON's short escapes (\u escapes are not generated)
                 return []
             rs = _pattern_step(rx, rs, _UNESCAPE[c], hi - n - 1)
             return [rest + (("S", lo, hi, n + 1, False, rx, rs),)] if rs else []

@@ -579,6 +579,13 @@ def bf16_matmul_kind() -> str | None:
     return "amx" if _amx_allowed and amx_available() else "avx512_bf16" if bf16_dot_available() else None
 
 
+def bf16_precisions() -> tuple[str, ...]:
+    """The reduced precisions `matmul_bf16` runs here (the others stay float32): both on AMX, DOT_PRECISIONS on
+    AVX512-BF16 alone, none without either."""
+    kind = bf16_matmul_kind()
+    return tuple(MATMUL_PRODUCTS) if kind == "amx" else DOT_PRECISIONS if kind else ()
+
+
 def matmul_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, out: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -601,9 +608,10 @@ def matmul_bf16(
     else:
         return None
     rows = x.numel() // K
-    if _amx_allowed and lib.nm3_amx_init() == 1:
+    kind = bf16_matmul_kind()
+    if kind == "amx":
         min_rows = AMX_MIN_ROWS_ROW_MAJOR if w_rows else AMX_MIN_ROWS
-    elif precision in DOT_PRECISIONS and lib.nm3_bf16_dot_available() == 1:
+    elif kind == "avx512_bf16" and precision in DOT_PRECISIONS:
         min_rows = DOT_MIN_ROWS
     else:
         return None
