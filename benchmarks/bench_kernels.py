@@ -8,7 +8,8 @@ and the median is reported:
 
     ceilings   read bandwidth: torch.sum over a tensor twice the L3 (DRAM) with 1 and 2 threads, and over a
                48 MiB one read after WARM_CALLS untimed reads (mostly L3); MKL's fp32 GEMM at the Mamba in_proj
-               shape of a 2048-token prefill (the rate every prefill GEMM runs at)
+               shape of a 2048-token prefill, and oneDNN's (kernels/onednn.py: what the engine's prefill
+               projections run, its output allocated per call)
     decode     nm3_linear at batch 1 over an lm_head-sized matrix (nemo300: 1024 × 32000, fp32 and bf16);
                nm3_decode_attention over 32k keys of one nemo50 attention layer (8 query / 2 KV heads × 64), fp32
                and bf16 K/V, with the K/V in cache (hot: after WARM_CALLS calls) and after reading twice the L3
@@ -43,7 +44,7 @@ if str(HERE) not in sys.path:
 
 import common
 
-from nemotron3.kernels import native
+from nemotron3.kernels import native, onednn
 
 MIB = 1 << 20
 WARM_CALLS = 4  # untimed calls before a "hot" one: this L3 keeps data read once at low priority (a read after
@@ -170,6 +171,10 @@ def add_ceilings(bench: Bench, s: Shapes) -> None:
         out = torch.empty(m, n)
         bench.add(f"MKL GEMM {name}", lambda a=a, w=w, out=out: torch.mm(a, w, out=out), flops=2.0 * m * k * n,
                   shape=[m, k, n])  # fmt: skip
+        if onednn.available() and m >= onednn.MIN_ROWS:  # the engine's prefill projections (output allocated)
+            wk = w.t().contiguous().t()  # [n, k], K-major: the engine's Linear storage
+            bench.add(f"oneDNN GEMM {name}", lambda a=a, w=wk: onednn.linear(a, w), flops=2.0 * m * k * n,
+                      shape=[m, k, n])  # fmt: skip
 
 
 def add_bf16(bench: Bench, s: Shapes) -> None:

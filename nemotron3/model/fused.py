@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemotron3.kernels import native
+from nemotron3.kernels import native, onednn
 
 _state = threading.local()
 
@@ -51,7 +51,8 @@ def fast_path_precision() -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
     applies (a few rows, float32 x, K-major float32 or bfloat16 weight), or its bf16 GEMM (AMX or AVX512-BF16)
-    for many rows under a reduced matmul precision; otherwise torch's own. A weight stored in another dtype than
+    for many rows under a reduced matmul precision, or oneDNN's float32 GEMM for many rows (kernels/onednn.py);
+    otherwise torch's own. A weight stored in another dtype than
     x (the engine's weight-only bf16, engine/runner.py) is widened exactly first."""
     if fast_path_on():
         out = native.linear(x, weight, bias)
@@ -61,6 +62,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return out
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)  # keeps the K-major strides
+    if fast_path_on():
+        out = onednn.linear(x, weight, bias)  # many float32 rows: oneDNN's GEMM (kernels/onednn.py)
+        if out is not None:
+            return out
     return F.linear(x, weight, bias)
 
 
