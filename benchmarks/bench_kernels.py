@@ -172,7 +172,8 @@ def add_ceilings(bench: Bench, s: Shapes) -> None:
         bench.add(f"MKL GEMM {name}", lambda a=a, w=w, out=out: torch.mm(a, w, out=out), flops=2.0 * m * k * n,
                   shape=[m, k, n])  # fmt: skip
         if onednn.available() and m >= onednn.MIN_ROWS:  # the engine's prefill projections (output allocated)
-            wk = w.t().contiguous().t()  # [n, k], K-major: the engine's Linear storage
+            wk = w.t()  # [n, k] over the contiguous [k, n]: the engine's K-major Linear storage
+            assert onednn.linear(a, wk) is not None
             bench.add(f"oneDNN GEMM {name}", lambda a=a, w=wk: onednn.linear(a, w), flops=2.0 * m * k * n,
                       shape=[m, k, n])  # fmt: skip
 
