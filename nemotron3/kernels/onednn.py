@@ -12,6 +12,8 @@ weight shape, built once. Below MIN_ROWS the padding costs more than oneDNN gain
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 MIN_ROWS = 512  # rows from which linear() runs; below, MKL (the padding would cost up to 6 % of the work)
@@ -54,5 +56,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         xp[:rows] = x2
         xp[rows:] = 0.0  # zeros, not garbage: no NaN or denormal rows inside the product
         x2 = xp
-    out = _op(x2, weight, bias, "none", [], "")
+    try:
+        out = _op(x2, weight, bias, "none", [], "")
+    except RuntimeError as e:  # a build whose oneDNN lacks this op for the CPU: say so once, then MKL
+        enable(False)
+        warnings.warn(f"oneDNN linear failed ({e}); float32 GEMMs use torch's default BLAS from now on", stacklevel=2)
+        return None
     return out[:rows].view(*x.shape[:-1], weight.shape[0])

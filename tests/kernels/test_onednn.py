@@ -117,3 +117,20 @@ def test_the_engine_linear_takes_onednn_inside_the_fast_path_only(monkeypatch):
         fused.linear(x[:100], w)  # few rows: MKL (or the native GEMV)
         assert len(calls) == 1
     assert_like_float64(y, x, w, None)
+
+
+@needs_onednn
+def test_a_failing_op_turns_the_path_off_with_a_warning(monkeypatch):
+    """If oneDNN cannot run the product on this CPU, the caller gets None (then MKL) and a warning, once."""
+
+    def broken(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(onednn, "_op", broken)
+    previous = onednn.enable(True)
+    try:
+        with pytest.warns(UserWarning, match="oneDNN linear failed"):
+            assert onednn.linear(torch.randn(512, 8), torch.randn(4, 8)) is None
+        assert not onednn.available()
+    finally:
+        onednn.enable(previous)
