@@ -8,7 +8,8 @@ builds one per sample from `SamplingParams.structured_outputs`, the server from 
 `structured_outputs` / `guided_*` fields). When the output is complete only end-of-sequence is allowed.
 
 What the grammar enforces:
-- compact JSON (no whitespace outside strings), valid string escapes (no \\u escapes), valid numbers;
+- compact JSON (no whitespace outside strings), valid string escapes (\\uXXXX included: a surrogate pair is one
+  character, a lone surrogate is refused, as json.loads would make it an unencodable string), valid numbers;
 - json_object: any JSON object (nesting depth ≤ 6, ≤ 32 members per object, ≤ 64 items per array);
 - json_schema: type (incl. lists of types), properties (all declared properties are emitted, in order, so
   `required` always holds), items, enum, const, anyOf / oneOf (oneOf as anyOf), allOf of one schema,
@@ -44,6 +45,7 @@ _INT_DONE = re.compile(r"-?(?:0|[1-9]\d*)")
 _NUM_PREFIX = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:(?<=\d)[eE][+-]?\d*)?)?")
 _NUM_DONE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 # ------------------------------------------------------------------------------------------ grammar nodes
@@ -208,7 +210,8 @@ def _dump(value) -> str:
 # that may end); a stack is a tuple of frames, the top last. Frames:
 #   ("V", node)                  a value of `node` comes next
 #   ("L", texts, pos)            inside one of the literal texts, `pos` characters matched
-#   ("S", min, max, n, escaped, pattern, states)  inside a string, n characters so far (pattern: None or its automaton)
+#   ("S", min, max, n, escape, pattern, states)  inside a string, n characters so far (escape: the escape written
+#                                so far, "" outside one; pattern: None or its automaton)
 #   ("N", integer, text)         inside a number
 #   ("O", node, i)               schema object: property i's value is done
 #   ("FO", depth, count, phase)  free object: phase start | key | after
@@ -232,21 +235,25 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         if more:
             out.append(rest + (("L", more, pos + 1),))
         return out
-    if k == "S":  # ("S", min, max, characters so far, after a backslash, pattern automaton or None, its states)
+    if k == "S":  # ("S", min, max, characters so far, the escape so far, pattern automaton or None, its states)
         _, lo, hi, n, esc, rx, rs = top
         if esc:
-            if c not in _UNESCAPE:  # JSON's short escapes (\u escapes are not generated)
+            step = _escape_step(esc, c)
+            if step is None:
                 return []
-            rs = _pattern_step(rx, rs, _UNESCAPE[c], hi - n - 1)
-            return [rest + (("S", lo, hi, n + 1, False, rx, rs),)] if rs else []
+            esc, ch = step
+            if ch is None:  # inside a \uXXXX escape
+                return [rest + (("S", lo, hi, n, esc, rx, rs),)]
+            rs = _pattern_step(rx, rs, ch, hi - n - 1)
+            return [rest + (("S", lo, hi, n + 1, "", rx, rs),)] if rs else []
         if c == '"':
             return [rest] if n >= lo and (rx is None or rx.can_finish(rs)) else []
         if n >= hi or ord(c) < 0x20:
             return []
         if c == "\\":
-            return [rest + (("S", lo, hi, n, True, rx, rs),)]
+            return [rest + (("S", lo, hi, n, "\\", rx, rs),)]
         rs = _pattern_step(rx, rs, c, hi - n - 1)
-        return [rest + (("S", lo, hi, n + 1, False, rx, rs),)] if rs else []
+        return [rest + (("S", lo, hi, n + 1, "", rx, rs),)] if rs else []
     if k == "N":
         _, integer, text = top
         out = []
@@ -289,6 +296,33 @@ def _step(stack: tuple, c: str) -> list[tuple]:
     raise AssertionError(k)
 
 
+def _escape_step(pending: str, c: str) -> tuple[str, str | None] | None:
+    """One more character of a string escape, `pending` being the escape written so far from its backslash:
+    (the longer escape, None) while it goes on, ("", the decoded character) when it ends, None where JSON has
+    no such escape. A high surrogate (\\uD800-\\uDBFF) waits for its low half (\\uDC00-\\uDFFF), and the pair
+    decodes to one character, as json.loads reads it; a lone surrogate of either half is refused."""
+    if len(pending) == 1:  # just after the backslash
+        if c in _UNESCAPE:
+            return "", _UNESCAPE[c]
+        return ("\\u", None) if c == "u" else None
+    if len(pending) in (6, 7):  # a high surrogate written: its low half must follow as \u…
+        return (pending + c, None) if c == "\\u"[len(pending) - 6] else None
+    if c not in _HEX:
+        return None
+    pending += c
+    if len(pending) == 6:
+        code = int(pending[2:], 16)
+        if 0xD800 <= code < 0xDC00:
+            return pending, None
+        return None if 0xDC00 <= code < 0xE000 else ("", chr(code))
+    if len(pending) == 12:
+        low = int(pending[8:], 16)
+        if not 0xDC00 <= low < 0xE000:
+            return None
+        return "", chr(0x10000 + ((int(pending[2:6], 16) - 0xD800) << 10) + (low - 0xDC00))
+    return pending, None
+
+
 def _pattern_step(rx: RegexAutomaton | None, states: frozenset, ch: str, room: int) -> frozenset:
     """A string's pattern states after one more (decoded) character, or an empty set (a dead end) when the pattern
     can no longer be matched within the `room` characters the string has left; no pattern: unchanged."""
@@ -300,7 +334,7 @@ def _pattern_step(rx: RegexAutomaton | None, states: frozenset, ch: str, room: i
 
 def _string(lo: int, hi: int, pattern: RegexAutomaton | None = None) -> tuple:
     """The frame of a string just opened: lo … hi characters, matching `pattern` if given."""
-    return ("S", lo, hi, 0, False, pattern, pattern.initial() if pattern is not None else frozenset([0]))
+    return ("S", lo, hi, 0, "", pattern, pattern.initial() if pattern is not None else frozenset([0]))
 
 
 def _expand(rest: tuple, node: Node, c: str) -> list[tuple]:

@@ -104,3 +104,31 @@ def test_samples_from_the_default_model_follow_the_pattern():
         assert c.finish_reason == "stop", c.text
         value = json.loads(c.text)
         assert re.search(r"^[A-Z]{2}\d{3}$", value["id"]) and re.search("ing", value["note"]), c.text
+
+
+def test_unicode_escapes_are_one_decoded_character():
+    """\\uXXXX escapes (either case of hex, surrogate pairs) are generated as json.loads reads them: one character
+    of the string for its length and its pattern; a lone or reversed surrogate, or a short escape, is refused."""
+    one = {"type": "string", "minLength": 1, "maxLength": 1}
+    for text in ['"\\u00e9"', '"\\u00E9"', '"\\u0000"', '"\\ud83d\\ude00"', '"\\uD83D\\uDE00"', '"\\u20ac"']:
+        assert len(json.loads(text)) == 1 and accepts(one, text), text
+    for text in ['"\\ud83d"', '"\\ude00"', '"\\ude00\\ud83d"', '"\\u00e"', '"\\u00g9"', '"\\ud83d\\u0041"', '"\\x41"']:
+        assert not accepts(one, text), text
+    assert not accepts(one, '"\\u0041\\u0042"')  # two characters
+    assert alive(one, '"\\ud83d\\u') and not alive(one, '"\\ud83dx')
+    assert accepts(string(r"^é€$"), '"\\u00e9\\u20AC"') and not accepts(string(r"^é€$"), '"\\u00e9\\u20AD"')
+    assert accepts(string("\U0001F600"), '"a\\ud83d\\ude00"')  # the pair decodes before the pattern sees it
+
+
+def test_unicode_escapes_match_json_loads_on_random_strings():
+    """Random code points (controls, BMP, astral) written with ensure_ascii=True (every non-ASCII character as
+    \\uXXXX, astral ones as surrogate pairs) are accepted under a maxLength of exactly their decoded length,
+    and refused under one less."""
+    rng = random.Random(7)
+    for _ in range(60):
+        chars = [chr(rng.choice([rng.randrange(0x20), rng.randrange(0x20, 0xD800), rng.randrange(0xE000, 0x110000)]))
+                 for _ in range(rng.randint(1, 5))]  # fmt: skip
+        s = "".join(chars)
+        text = json.dumps(s, ensure_ascii=True)
+        assert accepts({"type": "string", "maxLength": len(s)}, text), text
+        assert not accepts({"type": "string", "maxLength": len(s) - 1}, text), text
