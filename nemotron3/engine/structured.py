@@ -311,7 +311,7 @@ def _escape_step(pending: str, c: str) -> tuple[str, str | None] | None:
         return None
     pending += c
     if len(pending) == 6:
-        code = int(pending[2:], 16)
+        code = int(pending[2:6], 16)
         if 0xD800 <= code < 0xDC00:
             return pending, None
         return None if 0xDC00 <= code < 0xE000 else ("", chr(code))
