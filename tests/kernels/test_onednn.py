@@ -134,3 +134,46 @@ def test_a_failing_op_turns_the_path_off_with_a_warning(monkeypatch):
         assert not onednn.available()
     finally:
         onednn.enable(previous)
+
+
+@needs_onednn
+def test_an_engine_prefill_through_onednn_decodes_as_one_through_mkl(monkeypatch):
+    """Three prompts prefilled in one 600-row step take oneDNN for every projection; the greedy tokens are MKL's,
+    and the chosen tokens' logprobs agree to float32 rounding (measured: equal at these widths, K ≤ 64; we allow
+    1e-4). A wrong or shifted row changes the tokens."""
+    import copy
+
+    from nemotron3 import LLM, SamplingParams
+    from tests.engine.test_engine import CONFIG, wide_random_model
+
+    model = wide_random_model(5)
+    g = torch.Generator().manual_seed(3)
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, CONFIG.vocab_size, (n,), generator=g).tolist()} for n in (300, 200, 100)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=0)
+    calls = []
+    real = onednn._op
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "_op", spy)
+    results = {}
+    for on in (True, False):
+        previous = onednn.enable(on)
+        try:
+            llm = LLM(copy.deepcopy(model), kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=1024)
+            outs = llm.generate(prompts, params)
+        finally:
+            onednn.enable(previous)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        logps = [lp[t].logprob for o in outs for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+        results[on] = tokens, torch.tensor(logps, dtype=f64)
+        if on:
+            assert calls and set(calls) == {608}, calls  # 600 rows, padded to a multiple of 32
+            calls.clear()
+    assert not calls  # off: MKL only
+    assert results[True][0] == results[False][0]
+    assert (results[True][1] - results[False][1]).abs().max().item() < 1e-4
