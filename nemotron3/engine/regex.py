@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 MAX_STATES = 50_000  # a {m,n} repeats its body's states; this bounds what one pattern may build
 MAX_REPEAT = 1_000
 _FAR = 1 << 30  # min_chars of a state set that cannot reach a match
+# can_complete tracks match lengths until they repeat, for at most this many lengths and state visits (a pattern
+# like [a-z]{3,900} takes ~900 lengths, 400 thousand visits, ~0.2 s once); past either, min_chars alone decides
+MAX_LAYERS, MAX_VISITS = 4_096, 2_000_000
 
 _DIGIT = ((ord("0"), ord("9")),)
 _WORD = ((ord("0"), ord("9")), (ord("A"), ord("Z")), (ord("_"), ord("_")), (ord("a"), ord("z")))
@@ -331,6 +334,8 @@ class RegexAutomaton(MemoAutomaton):
         self._nfa = nfa = _NFA()
         self._start, self._accept = _build(nfa, _Parser(pattern).parse())
         self._distance: list[int] | None = None  # per NFA state, characters to a match (min_chars)
+        self._lengths: tuple[list[int], int, int] | None = None  # per NFA state, match lengths (can_complete)
+        self._hits: dict[frozenset, int] = {}
 
     def _closure(self, states) -> frozenset:
         seen, todo = set(states), list(states)
@@ -355,6 +360,73 @@ class RegexAutomaton(MemoAutomaton):
         if self._distance is None:
             self._distance = self._distances()
         return min((self._distance[s] for s in states), default=_FAR)
+
+    def can_complete(self, states: frozenset, need: int, room: int) -> bool:
+        """Whether a string of need … room more characters takes `states` to a match: a string with a minLength
+        and a pattern must not reach a point where it may neither end (too short) nor grow (the pattern done).
+        need ≤ 0 is min_chars' test; otherwise the match lengths from each state, which settle into a repeating
+        pattern (`_completion_lengths`), are searched over the window."""
+        if room < need:
+            return False
+        if need <= 0:
+            return self.min_chars(states) <= room
+        if self._lengths is None:
+            self._lengths = self._completion_lengths()
+        per_state, j, k = self._lengths
+        if k < 0:  # the lengths did not repeat within the limits: the shortest match only
+            return self.min_chars(states) <= room
+        bits = self._hits.get(states)
+        if bits is None:
+            bits = 0
+            for s in states:
+                bits |= per_state[s]
+            if len(self._hits) > 100_000:
+                self._hits.clear()
+            self._hits[states] = bits
+        if need < k and bits >> need & ((1 << (min(room, k - 1) - need + 1)) - 1):
+            return True
+        start, period = max(need, k), k - j  # lengths L ≥ k repeat those of j + (L − j) mod period
+        if room < start:
+            return False
+        if room - start + 1 >= period:
+            return bool(bits >> j & ((1 << period) - 1))
+        return any(bits >> (j + (L - j) % period) & 1 for L in range(start, room + 1))
+
+    def _completion_lengths(self) -> tuple[list[int], int, int]:
+        """Per NFA state a bit mask of the lengths L < k of the strings that lead from it to a match, and (j, k):
+        the set of states with a length-L match, R_L, is R_(j + (L − j) mod (k − j)) for L ≥ k. R_0 is what
+        reaches the accepting state by empty moves; R_(L+1) is what reaches, by empty moves, a state with a
+        character move into R_L. Being a function of R_L alone, the sequence repeats; k = -1 if it has not
+        within MAX_LAYERS lengths and MAX_VISITS states."""
+        n = len(self._nfa.eps)
+        back_eps: list[list[int]] = [[] for _ in range(n)]
+        back_chr: list[list[int]] = [[] for _ in range(n)]
+        for s in range(n):
+            for t in self._nfa.eps[s]:
+                back_eps[t].append(s)
+            for chars, t in self._nfa.edges[s]:
+                if chars:
+                    back_chr[t].append(s)
+
+        def closure(states: set[int]) -> frozenset:
+            todo = list(states)
+            while todo:
+                for s in back_eps[todo.pop()]:
+                    if s not in states:
+                        states.add(s)
+                        todo.append(s)
+            return frozenset(states)
+
+        layer, seen, per_state, visits = closure({self._accept}), {}, [0] * n, 0
+        while layer not in seen:
+            visits += len(layer)
+            if len(seen) >= MAX_LAYERS or visits > MAX_VISITS:
+                return per_state, 0, -1
+            seen[layer] = L = len(seen)
+            for s in layer:
+                per_state[s] |= 1 << L
+            layer = closure({s for t in layer for s in back_chr[t]})
+        return per_state, seen[layer], len(seen)
 
     def _distances(self) -> list[int]:
         """Per NFA state, the fewest characters to the accepting state: a 0-1 breadth-first search backwards from

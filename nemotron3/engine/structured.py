@@ -15,7 +15,9 @@ What the grammar enforces:
   `required` always holds), items, enum, const, anyOf / oneOf (oneOf as anyOf), allOf of one schema,
   $ref into #/$defs or #/definitions, minLength / maxLength, minItems / maxItems, and pattern: the string's
   decoded characters (escapes decoded) walk the pattern's automaton (engine/regex.py), with JSON Schema's
-  meaning, a match anywhere in the string unless anchored by ^ / $ (`search_pattern`). Strings without
+  meaning, a match anywhere in the string unless anchored by ^ / $ (`search_pattern`), and only characters
+  after which a match of minLength … maxLength characters stays possible are allowed (no dead ends; a pattern
+  that cannot meet the lengths at all is a ValueError). Strings without
   maxLength are capped at 1024 characters, arrays without maxItems at 64 items, numbers at 24 characters,
   so that a constrained output always ends.
 - Not enforced (accepted, documented): a pattern that Python's `re` compiles but engine/regex.py refuses
@@ -136,8 +138,9 @@ def _compile(s, root, depth: int) -> Node:
         lo, hi = int(s.get("minLength", 0)), int(s.get("maxLength", MAX_STRING))
         if hi < lo:
             raise ValueError("JSON schema maxLength < minLength")
-        if pattern is not None and pattern.min_chars(pattern.initial()) > hi:
-            raise ValueError(f"JSON schema pattern {s['pattern']!r} cannot match a string of at most {hi} characters")
+        if pattern is not None and not pattern.can_complete(pattern.initial(), lo, hi):
+            span = f"at most {hi}" if lo == 0 else f"{lo} to {hi}"
+            raise ValueError(f"JSON schema pattern {s['pattern']!r} cannot match a string of {span} characters")
         return Node("str", min_len=lo, max_len=hi, pattern=pattern)
     if t in ("integer", "number"):
         return Node("num", integer=t == "integer")
@@ -244,7 +247,7 @@ def _step(stack: tuple, c: str) -> list[tuple]:
             esc, ch = step
             if ch is None:  # inside a \uXXXX escape
                 return [rest + (("S", lo, hi, n, esc, rx, rs),)]
-            rs = _pattern_step(rx, rs, ch, hi - n - 1)
+            rs = _pattern_step(rx, rs, ch, lo - n - 1, hi - n - 1)
             return [rest + (("S", lo, hi, n + 1, "", rx, rs),)] if rs else []
         if c == '"':
             return [rest] if n >= lo and (rx is None or rx.can_finish(rs)) else []
@@ -252,7 +255,7 @@ def _step(stack: tuple, c: str) -> list[tuple]:
             return []
         if c == "\\":
             return [rest + (("S", lo, hi, n, "\\", rx, rs),)]
-        rs = _pattern_step(rx, rs, c, hi - n - 1)
+        rs = _pattern_step(rx, rs, c, lo - n - 1, hi - n - 1)
         return [rest + (("S", lo, hi, n + 1, "", rx, rs),)] if rs else []
     if k == "N":
         _, integer, text = top
@@ -323,13 +326,14 @@ def _escape_step(pending: str, c: str) -> tuple[str, str | None] | None:
     return pending, None
 
 
-def _pattern_step(rx: RegexAutomaton | None, states: frozenset, ch: str, room: int) -> frozenset:
-    """A string's pattern states after one more (decoded) character, or an empty set (a dead end) when the pattern
-    can no longer be matched within the `room` characters the string has left; no pattern: unchanged."""
+def _pattern_step(rx: RegexAutomaton | None, states: frozenset, ch: str, need: int, room: int) -> frozenset:
+    """A string's pattern states after one more (decoded) character, or an empty set (a dead end) when no match
+    of the pattern is `need` … `room` characters away (the string's minLength and maxLength less what it has);
+    no pattern: unchanged."""
     if rx is None:
         return states
     states = rx.step(states, ch)
-    return states if states and rx.min_chars(states) <= room else frozenset()
+    return states if states and rx.can_complete(states, need, room) else frozenset()
 
 
 def _string(lo: int, hi: int, pattern: RegexAutomaton | None = None) -> tuple:

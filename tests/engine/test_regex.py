@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from nemotron3.engine import regex as regex_module
 from nemotron3.engine.regex import RegexAutomaton
 
 PATTERNS = [
@@ -72,3 +73,52 @@ def test_min_chars_is_the_shortest_completion():
     assert a.min_chars(a.feed(start, "abbbc")) == 0
     assert a.min_chars(a.feed(start, "y")) == 3  # "yyz"
     assert a.min_chars(frozenset()) > 10**6  # nothing can complete
+
+
+def completion_lengths_by_search(a: RegexAutomaton, states: frozenset, most: int) -> set[int]:
+    """The lengths L ≤ most of the strings over "ab" that take `states` to a match: a breadth-first search over
+    the state sets reached after each length (the patterns below only read a and b, so this alphabet is exact)."""
+    found, level = set(), {states}
+    for L in range(most + 1):
+        if any(a.can_finish(s) for s in level):
+            found.add(L)
+        level = {t for s in level for c in "ab" if (t := a.step(s, c))}
+    return found
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"a{1,2}|bbbb", r"(ab)*", r"(aaa)+b?", r"a(bb)*a|b{5,}", r"(a|bb){2,3}", r"[ab]{3}(ab){0,2}", r"(?:aa|bbb)*a",
+     r"", r"a*b{7}"],
+)  # fmt: skip
+def test_can_complete_finds_exactly_the_match_lengths_in_a_window(pattern):
+    """can_complete(states, need, room) against the lengths found by search, for the start and random prefixes
+    and every window within 14 characters: the repeating tail (lengths past the first repeat) included."""
+    a, rng = RegexAutomaton(pattern), random.Random(pattern)
+    prefixes = [""] + ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(6)]
+    for prefix in prefixes:
+        states = a.feed(a.initial(), prefix)
+        if not states:
+            continue
+        lengths = completion_lengths_by_search(a, states, 14)
+        for need in range(0, 10):
+            for room in range(need, 14):
+                want = any(need <= L <= room for L in lengths)
+                assert a.can_complete(states, need, room) == want, (pattern, prefix, need, room, sorted(lengths))
+    assert not a.can_complete(a.initial(), 3, 2)  # an empty window
+
+
+def test_can_complete_past_the_first_repeat_of_long_periods():
+    """Lengths far beyond the layers the automaton stores follow their period: (a{7})+ matches at multiples of 7."""
+    a = RegexAutomaton(r"(a{7})+")
+    s = a.initial()
+    assert a.can_complete(s, 700, 700) and a.can_complete(s, 701, 707) and not a.can_complete(s, 701, 706)
+    assert a.can_complete(a.feed(s, "aaa"), 697, 697) and not a.can_complete(a.feed(s, "aaa"), 698, 700)
+
+
+def test_can_complete_falls_back_to_the_shortest_match_past_its_limits(monkeypatch):
+    """Lengths that do not repeat within MAX_LAYERS leave the old test (a match within room), never an error."""
+    monkeypatch.setattr(regex_module, "MAX_LAYERS", 3)
+    a = RegexAutomaton(r"a{1,2}|bbbb")
+    assert a.can_complete(a.initial(), 3, 3)  # "aa" is within room: the fallback does not see it ends too early
+    assert not a.can_complete(a.initial(), 3, 0)

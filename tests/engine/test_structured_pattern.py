@@ -132,3 +132,28 @@ def test_unicode_escapes_match_json_loads_on_random_strings():
         text = json.dumps(s, ensure_ascii=True)
         assert accepts({"type": "string", "maxLength": len(s)}, text), text
         assert not accepts({"type": "string", "maxLength": len(s) - 1}, text), text
+
+
+@pytest.mark.parametrize(
+    ("pattern", "lo", "hi"), [(r"^(a{1,2}|bbbb)$", 3, 10), (r"^(ab)*$", 3, 7), (r"^a(bb)*a$", 5, 9), (r"ab", 4, 4)]
+)
+def test_min_length_with_a_pattern_leaves_no_dead_ends(pattern, lo, hi):
+    """Every character the automaton allows keeps a way to end: random walks over "ab and the closing quote never
+    reach a string that may neither end (shorter than minLength) nor grow (the pattern done), and each ends in a
+    string of lo … hi characters that re.search matches. Before can_complete, "aa" was such a dead end."""
+    schema = {"type": "string", "pattern": pattern, "minLength": lo, "maxLength": hi}
+    a, rng = Automaton(compile_schema(schema)), random.Random(pattern)
+    for _ in range(200):
+        states, text = a.feed(a.initial(), '"'), '"'
+        while not a.can_finish(states):
+            options = [c for c in 'ab"' if a.feed(states, c)]
+            assert options, f"{text!r} is a dead end"
+            c = rng.choice(options)
+            states, text = a.feed(states, c), text + c
+        s = json.loads(text)
+        assert lo <= len(s) <= hi and re.search(ecma(pattern), s), text
+
+
+def test_a_pattern_that_cannot_meet_min_length_is_an_error():
+    with pytest.raises(ValueError, match="cannot match a string of 3 to 1024 characters"):
+        compile_schema({"type": "string", "pattern": "^a{1,2}$", "minLength": 3})
