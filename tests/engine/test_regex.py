@@ -101,7 +101,7 @@ def test_can_complete_finds_exactly_the_match_lengths_in_a_window(pattern):
         if not states:
             continue
         lengths = completion_lengths_by_search(a, states, 14)
-        for need in range(0, 10):
+        for need in range(10):
             for room in range(need, 14):
                 want = any(need <= L <= room for L in lengths)
                 assert a.can_complete(states, need, room) == want, (pattern, prefix, need, room, sorted(lengths))
