@@ -2,7 +2,8 @@
 
 On the project's AMD EPYC (Zen 4) machine, MKL's float32 GEMM reaches 150-200 GFLOP/s at prefill shapes and
 oneDNN's 190-225 (2 threads, this CPU's FMA peak ~215; benchmarks/bench_kernels.py), so prefill's dense
-projections run ~1.1-1.3x faster. Same float32 math, another summation order (errors ~1e-7 of |x|·|w|).
+projections run ~1.1-1.3x faster. Same float32 math, another summation order: errors up to ~3e-7 of Σ|x·w|
+(MKL's: ~1e-7; tests/kernels/test_onednn.py).
 
 oneDNN builds (JIT-compiles) a primitive for each new (rows, K, N) and keeps ~1,024 of them. A server's steps
 have every row count from 1 to the token budget, so rows are padded up to a multiple of ROW_STEP (at most

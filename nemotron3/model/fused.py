@@ -52,8 +52,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, through the native decode GEMV (nemotron3/kernels) inside the engine's fast path when it
     applies (a few rows, float32 x, K-major float32 or bfloat16 weight), or its bf16 GEMM (AMX or AVX512-BF16)
     for many rows under a reduced matmul precision, or oneDNN's float32 GEMM for many rows (kernels/onednn.py);
-    otherwise torch's own. A weight stored in another dtype than
-    x (the engine's weight-only bf16, engine/runner.py) is widened exactly first."""
+    otherwise torch's own. A weight stored in another dtype than x (the engine's weight-only bf16,
+    engine/runner.py) is widened exactly first."""
     if fast_path_on():
         out = native.linear(x, weight, bias)
         if out is None and _state.precision != "highest":
