@@ -79,13 +79,15 @@ def test_row_counts_reach_onednn_as_multiples_of_the_step(monkeypatch):
 
 @needs_onednn
 def test_declines_what_it_does_not_serve():
-    """None (the caller runs F.linear) below MIN_ROWS, for other dtypes, a strided x, autograd, or when off."""
+    """None (the caller runs F.linear) below MIN_ROWS, for other dtypes, a strided x, autograd on any operand, or when
+    off."""
     w = torch.randn(8, 16)
     x = torch.randn(onednn.MIN_ROWS, 16)
     assert onednn.linear(x[:-1], w) is None
     assert onednn.linear(x.double(), w.double()) is None
     assert onednn.linear(x.bfloat16(), w.bfloat16()) is None
     assert onednn.linear(torch.randn(onednn.MIN_ROWS, 32)[:, :16], w) is None
+    assert onednn.linear(x, w, torch.zeros(8, requires_grad=True)) is None  # a bias that records autograd
     assert onednn.linear(x.requires_grad_(), w) is None
     x = x.detach()
     previous = onednn.enable(False)
